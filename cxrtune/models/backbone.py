@@ -1,0 +1,186 @@
+"""ResNet backbones for greyscale radiographs.
+
+Input is one channel: a radiograph has no colour, and a 1-channel stem saves a third of the first
+convolution's work. torchvision's ImageNet weights still load: their first-layer RGB filters are
+summed over the colour axis (timm's ``in_chans=1`` rule), which gives the same response to a grey
+image replicated to three channels. ``in_chans=3`` keeps the stock stem for users who replicate
+grey to RGB themselves.
+
+The backbone maps a normalised batch ``(B, C, H, W)`` to global-average-pooled features
+``(B, feature_dim)``; ``trunk`` is the torchvision ResNet without its ``fc`` layer, so its
+state_dict keys are torchvision's (``conv1.weight``, ``layer1.0.conv1.weight``, ...) and an exported
+backbone loads into ``torchvision.models.resnet18/50`` with ``strict=True`` once an ``fc`` is added.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+import torchvision
+
+from cxrtune.errors import CxrtuneError
+
+ARCHS = {"resnet18": 512, "resnet50": 2048}
+INITS = ("random", "imagenet")
+IMAGENET_WEIGHTS = {"resnet18": "ResNet18_Weights.IMAGENET1K_V1", "resnet50": "ResNet50_Weights.IMAGENET1K_V1"}
+
+
+class CheckpointError(CxrtuneError):
+    """A checkpoint is missing, corrupt, or of another architecture or method."""
+
+
+class Backbone(nn.Module):
+    def __init__(self, arch: str = "resnet18", in_chans: int = 1) -> None:
+        super().__init__()
+        if arch not in ARCHS:
+            raise CheckpointError(f"arch = {arch!r} is not supported: use one of {', '.join(ARCHS)}")
+        if in_chans not in (1, 3):
+            raise CheckpointError(f"in_chans = {in_chans} is not supported: use 1 or 3")
+        trunk = getattr(torchvision.models, arch)(weights=None)
+        if in_chans == 1:
+            trunk.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        trunk.fc = nn.Identity()
+        self.trunk = trunk
+        self.arch = arch
+        self.in_chans = in_chans
+        self.feature_dim = ARCHS[arch]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk(x)
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's spatial map (B, feature_dim, h, w), for Grad-CAM and dense heads."""
+        t = self.trunk
+        x = t.maxpool(t.relu(t.bn1(t.conv1(x))))
+        return t.layer4(t.layer3(t.layer2(t.layer1(x))))
+
+    def torchvision_state_dict(self) -> dict[str, torch.Tensor]:
+        """Keys as torchvision names them (without ``fc``)."""
+        return {k: v.detach().clone() for k, v in self.trunk.state_dict().items() if not k.startswith("fc.")}
+
+
+def adapt_first_conv(state: dict[str, torch.Tensor], in_chans: int) -> dict[str, torch.Tensor]:
+    """Make a torchvision state_dict's ``conv1.weight`` fit ``in_chans`` input channels."""
+    w = state.get("conv1.weight")
+    if w is None or w.shape[1] == in_chans:
+        return state
+    state = dict(state)
+    if in_chans == 1 and w.shape[1] == 3:
+        state["conv1.weight"] = w.sum(dim=1, keepdim=True)
+    elif in_chans == 3 and w.shape[1] == 1:
+        state["conv1.weight"] = w.repeat(1, 3, 1, 1) / 3.0
+    else:
+        raise CheckpointError(f"conv1.weight has {w.shape[1]} input channels; cannot adapt to {in_chans}")
+    return state
+
+
+def load_torchvision_weights(backbone: Backbone, weights: str | Path | None) -> None:
+    """Load ImageNet weights from a local file, or torchvision's own cache when already present.
+
+    Nothing is downloaded: offline machines get a message naming the file to fetch and where.
+    """
+    arch = backbone.arch
+    if weights is None:
+        enum_name = IMAGENET_WEIGHTS[arch]
+        cls_name, member = enum_name.split(".")
+        url = getattr(getattr(torchvision.models, cls_name), member).url
+        hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
+        path = hub_dir / Path(url).name
+        if not path.is_file():
+            raise CheckpointError(
+                f"ImageNet weights for {arch} are not on this machine and cxrtune does not download "
+                f"at run time. Fetch {url} and pass --weights PATH, or place it at {path}"
+            )
+        weights = path
+    path = Path(weights)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"weights file {path} could not be read ({type(exc).__name__}: {exc})") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    state = adapt_first_conv(state, backbone.in_chans)
+    missing, unexpected = backbone.trunk.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"weights file {path} does not match {arch}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+
+
+def build_backbone(arch: str = "resnet18", init: str = "random", weights: str | Path | None = None,
+                   in_chans: int = 1, seed: int | None = None) -> Backbone:
+    """A backbone with ``init`` = random | imagenet | a path to a cxrtune checkpoint."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    if init == "random":
+        return Backbone(arch, in_chans)
+    if init == "imagenet":
+        backbone = Backbone(arch, in_chans)
+        load_torchvision_weights(backbone, weights)
+        return backbone
+    path = Path(init)
+    if path.suffix in (".pt", ".pth", ".ckpt") or path.exists():
+        return load_backbone(path, arch=arch)
+    raise CheckpointError(f"init = {init!r} is not valid: use random, imagenet or a checkpoint path")
+
+
+CHECKPOINT_FORMAT = "cxrtune-backbone-v1"
+
+
+def save_backbone(backbone: Backbone, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
+    """Save a backbone with its architecture and free-form metadata (tensors and plain types)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "arch": backbone.arch,
+        "in_chans": backbone.in_chans,
+        "backbone": backbone.torchvision_state_dict(),
+        "meta": dict(meta or {}),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_backbone(path: str | Path, arch: str | None = None) -> Backbone:
+    """Load a backbone saved by :func:`save_backbone` or embedded in a training checkpoint.
+
+    A training checkpoint (see ``cxrtune.engine``) carries the backbone under the same keys.
+    ``arch`` given and different from the file's raises :class:`CheckpointError`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(payload, dict) or "backbone" not in payload or "arch" not in payload:
+        raise CheckpointError(
+            f"checkpoint {path} is not a cxrtune checkpoint (no 'arch'/'backbone' entries); "
+            "for torchvision weights use --init imagenet --weights PATH"
+        )
+    if arch is not None and payload["arch"] != arch:
+        raise CheckpointError(f"checkpoint {path} holds a {payload['arch']} backbone, not the requested {arch}")
+    backbone = Backbone(payload["arch"], int(payload.get("in_chans", 1)))
+    try:
+        backbone.trunk.load_state_dict(payload["backbone"], strict=False)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {path} does not fit a {payload['arch']} backbone: {exc}") from exc
+    missing, unexpected = backbone.trunk.load_state_dict(payload["backbone"], strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit a {payload['arch']} backbone: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    backbone.checkpoint_meta = payload.get("meta", {})
+    return backbone
