@@ -1,0 +1,5 @@
+import sys
+
+from cxrtune.cli import main
+
+sys.exit(main())

@@ -1,0 +1,126 @@
+"""Few-shot task pool and episode sampler: the study's protocol on a hand-built index."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cxrtune.data.index import validate_index
+from cxrtune.data.tasks import (
+    ShotsCappedWarning, build_task_pool, load_episodes, sample_episodes, save_episodes,
+)
+from cxrtune.errors import TaskError
+
+
+def make_index(counts: dict[str, tuple[int, int]], extra_rows: list[dict] | None = None) -> pd.DataFrame:
+    """One image per patient; counts = {label: (n_train, n_val)}."""
+    rows = []
+    for label, (n_train, n_val) in counts.items():
+        for split, n in (("train", n_train), ("val", n_val)):
+            for i in range(n):
+                pid = f"{label[:3]}-{split}-{i}"
+                rows.append({"image_id": f"{pid}.png", "patient_id": pid, "labels": [label],
+                             "view": "PA", "split": split, "path": ""})
+    rows += extra_rows or []
+    return validate_index(pd.DataFrame(rows))
+
+
+COUNTS = {"hernia": (30, 8), "mass": (16, 6), "rare": (14, 6), "fibrosis": (4, 2), "normal": (200, 60)}
+
+
+def test_pool_keeps_diseases_by_minimum_counts_and_forced_include():
+    pool = build_task_pool(make_index(COUNTS), exclude={"normal"}, min_train=15, min_val=6,
+                           force_include={"fibrosis"})
+    assert sorted(pool.diseases) == ["fibrosis", "hernia", "mass"]  # rare: 14 < 15 training positives
+    summary = pool.summary().set_index("disease")
+    assert summary.loc["hernia", "train_pos"] == 30 and summary.loc["hernia", "val_pos"] == 8
+    # negatives are single-label images of every other label, excluded labels included
+    assert summary.loc["hernia", "train_neg"] == 16 + 14 + 4 + 200
+    assert not set(pool.tasks["hernia"].train_neg) & set(pool.tasks["hernia"].train_pos)
+
+
+def test_multi_label_and_unlabelled_rows_and_other_views_never_enter_a_task():
+    extra = [
+        {"image_id": "multi.png", "patient_id": "m", "labels": ["hernia", "mass"], "view": "PA", "split": "train", "path": ""},
+        {"image_id": "blank.png", "patient_id": "b", "labels": [""], "view": "PA", "split": "train", "path": ""},
+        {"image_id": "lat.png", "patient_id": "l", "labels": ["hernia"], "view": "L", "split": "train", "path": ""},
+    ]
+    pool = build_task_pool(make_index(COUNTS, extra), views=("PA", "AP"), exclude={"normal"})
+    every_id = {i for t in pool.tasks.values() for i in t.train_pos + t.train_neg + t.test_pos + t.test_neg}
+    assert not every_id & {"multi.png", "blank.png", "lat.png"}
+
+
+def test_negative_caps_are_seeded_and_respected():
+    a = build_task_pool(make_index(COUNTS), exclude={"normal"}, max_train_neg=50, max_val_neg=10, seed=3)
+    b = build_task_pool(make_index(COUNTS), exclude={"normal"}, max_train_neg=50, max_val_neg=10, seed=3)
+    assert len(a.tasks["hernia"].train_neg) == 50 and len(a.tasks["hernia"].test_neg) == 10
+    assert a.tasks["hernia"].train_neg == b.tasks["hernia"].train_neg
+
+
+def test_episodes_follow_the_protocol():
+    pool = build_task_pool(make_index(COUNTS), exclude={"normal"})
+    eps = sample_episodes(pool, shots=(1, 5, 10), trials=3)
+    assert len(eps) == len(pool.diseases) * 3 * 3
+    row = eps[(eps.disease == "hernia") & (eps.shots == 5) & (eps.trial == 2)].iloc[0]
+    assert row.seed == 44 and row.n == 5
+    assert row.train_labels == [1] * 5 + [0] * 5
+    task = pool.tasks["hernia"]
+    assert set(row.train_ids[:5]) <= set(task.train_pos) and set(row.train_ids[5:]) <= set(task.train_neg)
+    # test = every validation positive plus as many sampled negatives
+    assert row.test_ids[:8] == task.test_pos and len(row.test_ids) == 16
+    assert set(row.test_ids[8:]) <= set(task.test_neg)
+    # the same trial seed draws the same episode; another trial draws another
+    again = sample_episodes(pool, shots=(5,), trials=3)
+    same = again[(again.disease == "hernia") & (again.trial == 2)].iloc[0]
+    assert same.train_ids == row.train_ids
+    other = eps[(eps.disease == "hernia") & (eps.shots == 5) & (eps.trial == 1)].iloc[0]
+    assert other.train_ids != row.train_ids
+
+
+def test_shots_beyond_the_pool_are_capped_with_a_warning_or_refused_in_strict_mode():
+    pool = build_task_pool(make_index(COUNTS), exclude={"normal"}, force_include={"fibrosis"})
+    with pytest.warns(ShotsCappedWarning, match="'fibrosis': 10 shots requested .* 4 positives"):
+        eps = sample_episodes(pool, shots=(10,), trials=2, diseases=["fibrosis"])
+    assert set(eps.n) == {4}
+    with pytest.raises(TaskError, match="'fibrosis': 10 shots requested"):
+        sample_episodes(pool, shots=(10,), trials=2, diseases=["fibrosis"], strict=True)
+
+
+def test_requesting_a_disease_with_too_few_positives_is_a_clear_error():
+    with pytest.raises(TaskError, match="'rare' has 14 training and 6 evaluation positives"):
+        build_task_pool(make_index(COUNTS), diseases=["rare"])
+    with pytest.raises(TaskError, match="'typo' has no single-label image"):
+        build_task_pool(make_index(COUNTS), diseases=["typo"])
+
+
+def test_a_patient_in_train_and_test_is_refused():
+    pool = build_task_pool(make_index(COUNTS), exclude={"normal"})
+    leaked = pool.tasks["hernia"].test_pos[0]
+    pool.patient_of[leaked] = pool.patient_of[pool.tasks["hernia"].train_pos[0]]
+    pool.tasks["hernia"].train_pos = pool.tasks["hernia"].train_pos[:1]
+    with pytest.raises(TaskError, match="both training and test"):
+        sample_episodes(pool, shots=(1,), trials=1, diseases=["hernia"])
+
+
+def test_a_task_without_test_positives_is_refused():
+    pool = build_task_pool(make_index(COUNTS), exclude={"normal"})
+    pool.tasks["mass"].test_pos = []
+    with pytest.raises(TaskError, match="'mass' has no evaluation positives"):
+        sample_episodes(pool, shots=(1,), trials=1)
+
+
+def test_episodes_round_trip_through_parquet(tmp_path):
+    pool = build_task_pool(make_index(COUNTS), exclude={"normal"})
+    eps = sample_episodes(pool, shots=(1, 5), trials=2)
+    path = save_episodes(eps, tmp_path / "episodes.parquet")
+    back = load_episodes(path)
+    pd.testing.assert_frame_equal(back.reset_index(drop=True), eps.reset_index(drop=True), check_dtype=False)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_loading_missing_episodes_names_the_file(tmp_path):
+    with pytest.raises(TaskError, match="episodes file .*nope.parquet does not exist"):
+        load_episodes(tmp_path / "nope.parquet")
