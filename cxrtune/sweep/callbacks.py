@@ -1,0 +1,100 @@
+"""Ray Tune callbacks of a sweep: MLflow tracking that survives ``Tuner.restore``.
+
+The callback runs on the driver only (the one process that writes the SQLite store). Trial runs
+are looked up by the ``cxrtune.trial_id`` tag (see :mod:`cxrtune.tracking`), so a restored sweep
+re-attaches to the runs it already had instead of opening duplicates.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ray.tune.logger import LoggerCallback
+
+from cxrtune.tracking import SweepTracker
+
+#: keys of Tune's result dict that are bookkeeping, not metrics
+_SKIP = {"trial_id", "experiment_id", "date", "timestamp", "pid", "hostname", "node_ip", "config",
+         "done", "should_checkpoint", "checkpoint_dir_name", "experiment_tag", "time_this_iter_s",
+         "iterations_since_restore", "timesteps_since_restore", "time_since_restore"}
+
+
+def trial_status(result: dict[str, Any] | None, failed: bool) -> str:
+    """completed | pruned | collapsed | diverged | errored, from a trial's last result."""
+    if failed:
+        return "errored"
+    result = result or {}
+    status = result.get("trial_status")
+    if status in ("collapsed", "diverged", "errored"):
+        return status
+    return "completed" if result.get("final") else "pruned"
+
+
+class MlflowSweepCallback(LoggerCallback):
+    def __init__(self, sweep_name: str, tracking_uri: str | None = None, experiment: str | None = None,
+                 tags: dict[str, str] | None = None) -> None:
+        self.sweep_name = sweep_name
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.tags = dict(tags or {})
+        self._tracker: SweepTracker | None = None
+        self._last: dict[str, dict[str, Any]] = {}
+
+    # Tune pickles callbacks with the experiment state; the MLflow client is rebuilt on demand.
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_tracker"] = None
+        return state
+
+    @property
+    def tracker(self) -> SweepTracker:
+        if self._tracker is None:
+            self._tracker = SweepTracker(self.sweep_name, experiment=self.experiment, uri=self.tracking_uri)
+            if self.tags:
+                self._tracker.set_tags(self._tracker.parent_run_id, self.tags)
+        return self._tracker
+
+    def setup(self, *args, **kwargs) -> None:
+        super().setup(*args, **kwargs)
+        _ = self.tracker
+
+    def log_trial_start(self, trial) -> None:
+        run_id = self.tracker.child_run(trial.trial_id, run_name=str(trial),
+                                        tags={k: str(v) for k, v in self.tags.items()})
+        self.tracker.log_params(run_id, trial.config)
+
+    def log_trial_result(self, iteration: int, trial, result: dict[str, Any]) -> None:
+        run_id = self.tracker.child_run(trial.trial_id)
+        metrics = {k: v for k, v in result.items() if k not in _SKIP}
+        step = int(result.get("training_iteration", iteration))
+        self.tracker.log_metrics(run_id, metrics, step=step)
+        self._last[trial.trial_id] = result
+
+    def log_trial_end(self, trial, failed: bool = False) -> None:
+        result = self._last.get(trial.trial_id) or getattr(trial, "last_result", None)
+        status = trial_status(result, failed)
+        run_id = self.tracker.child_run(trial.trial_id)
+        trial_dir = Path(trial.local_path) if getattr(trial, "local_path", None) else None
+        if trial_dir is not None and trial_dir.is_dir():
+            for name in ("params.json", "result.json", "results.parquet", "plots"):
+                if (trial_dir / name).exists():
+                    self.tracker.log_artifacts(run_id, trial_dir / name)
+        self.tracker.end_trial(trial.trial_id, status)
+
+    def on_experiment_end(self, trials, **info) -> None:
+        counts: dict[str, int] = {}
+        for trial in trials:
+            status = trial_status(getattr(trial, "last_result", None), trial.status == "ERROR")
+            counts[status] = counts.get(status, 0) + 1
+        self.tracker.set_tags(self.tracker.parent_run_id, {f"cxrtune.trials_{k}": v for k, v in counts.items()})
+        # A trial created just before a driver crash, after Tune's last experiment checkpoint, is
+        # unknown to the restored sweep (Tune starts another in its place): close its run as lost.
+        current = {t.trial_id for t in trials}
+        for trial_id, run_id in self.tracker.trial_runs().items():
+            if trial_id not in current:
+                self.tracker.client.set_tag(run_id, "cxrtune.status", "lost")
+                self.tracker.client.set_terminated(run_id, status="KILLED")
+        unfinished = any(t.status in ("PENDING", "RUNNING", "PAUSED") for t in trials)
+        if not unfinished:
+            self.tracker.end_sweep("FINISHED")
