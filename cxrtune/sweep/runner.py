@@ -91,6 +91,11 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
                  log_to_driver=True)
 
 
+def _trial_dirname(trial) -> str:
+    # Short, stable names: Tune's default puts every parameter value in the folder name.
+    return f"{trial.trainable_name}_{trial.trial_id}"
+
+
 def run_sweep(spec: SweepSpec, *, resume: bool = False, storage: str | os.PathLike | None = None,
               tracking_uri: str | None = None, address: str | None = None, num_cpus: int | None = None,
               verbose: int = 0) -> tune.ResultGrid:
@@ -128,6 +133,7 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, storage: str | os.PathLi
                 metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
                 search_alg=ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent),
                 scheduler=scheduler, time_budget_s=spec.time_budget_s,
+                trial_dirname_creator=_trial_dirname,
             ),
             run_config=tune.RunConfig(
                 name=spec.name, storage_path=str(folder.parent), verbose=verbose,
