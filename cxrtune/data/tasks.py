@@ -152,6 +152,9 @@ def build_task_pool(
             ok = tr >= min_train and va >= min_val
         if ok:
             chosen.append(disease)
+        elif disease in force and diseases is None:
+            warnings.warn(f"force_include names {disease!r}, but it has {tr} training and {va} evaluation "
+                          "positives; a task needs at least one of each, so it is left out", stacklevel=2)
         elif diseases is not None:
             need = "1 and 1" if disease in force else f"{min_train} and {min_val}"
             raise TaskError(

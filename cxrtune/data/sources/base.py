@@ -155,7 +155,7 @@ def resolve_missing(index: pd.DataFrame, allow_missing: bool, what: str,
         examples = ", ".join(index.loc[~present, "path"].head(3))
         raise DataError(
             f"{what}: {n_missing} of {len(index)} listed images are missing on disk (e.g. {examples}); "
-            "fix the folder, or pass --allow-missing to index only the images present"
+            "fix the folder, or set allow_missing (--allow-missing on the command line) to index only the images present"
         )
     return index.loc[present].reset_index(drop=True)
 
