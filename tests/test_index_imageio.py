@@ -101,3 +101,13 @@ def test_corrupt_and_missing_files_are_data_errors_naming_the_file(tmp_path):
         load_grey_square(bad, 16)
     with pytest.raises(DataError, match="nothere.png does not exist"):
         load_grey_square(tmp_path / "nothere.png", 16)
+
+
+@pytest.mark.parametrize("dtype, high", [(np.uint8, 255), (np.uint16, 65535), (np.int16, 3000)])
+def test_lookup_table_path_equals_the_float_rule(dtype, high):
+    from cxrtune.data.imageio import quantise, quantise_integer_grey, to_unit_grey
+
+    rng = np.random.default_rng(1)
+    low = -1000 if dtype == np.int16 else 3
+    raw = rng.integers(low, high, (50, 70)).astype(dtype)
+    assert np.array_equal(quantise_integer_grey(raw), quantise(to_unit_grey(raw)))
