@@ -18,12 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 import torchvision
 
 from cxrtune.errors import CxrtuneError
 
 ARCHS = {"resnet18": 512, "resnet50": 2048}
+#: Channels of the stem (stride 2) and of layer1..layer4 (strides 4, 8, 16, 32), for dense heads.
+STAGE_CHANNELS = {"resnet18": (64, 64, 128, 256, 512), "resnet50": (64, 256, 512, 1024, 2048)}
 INITS = ("random", "imagenet")
 IMAGENET_WEIGHTS = {"resnet18": "ResNet18_Weights.IMAGENET1K_V1", "resnet50": "ResNet50_Weights.IMAGENET1K_V1"}
 
@@ -47,9 +50,46 @@ class Backbone(nn.Module):
         self.arch = arch
         self.in_chans = in_chans
         self.feature_dim = ARCHS[arch]
+        self.stage_channels = STAGE_CHANNELS[arch]
+        #: Recompute each stage's activations in the backward pass instead of storing them: trades
+        #: ~30 % more compute for memory (the study needed it for BarlowTwins at batch 512).
+        #: Note: BatchNorm running statistics are updated again during recomputation.
+        self.grad_checkpointing = False
+        #: Feed NHWC tensors to the convolutions (faster with bf16 on GPUs).
+        self.channels_last = False
+
+    def _fit_channels(self, x: torch.Tensor) -> torch.Tensor:
+        # Views are greyscale; a 3-channel stem gets the grey replicated (a view, no copy).
+        if self.in_chans == 3 and x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._fit_channels(x)
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.flatten(self.trunk.avgpool(self.stage_features(x)[-1]), 1)
         return self.trunk(x)
+
+    def stage_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """[stem (stride 2), layer1 (4), layer2 (8), layer3 (16), layer4 (32)] feature maps."""
+        x = self._fit_channels(x)
+        t = self.trunk
+        checkpointing = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+
+        def run(module: nn.Module, inp: torch.Tensor) -> torch.Tensor:
+            if checkpointing:
+                return torch.utils.checkpoint.checkpoint(module, inp, use_reentrant=False)
+            return module(inp)
+
+        stem = t.relu(t.bn1(t.conv1(x)))
+        outs = [stem]
+        x = t.maxpool(stem)
+        for layer in (t.layer1, t.layer2, t.layer3, t.layer4):
+            x = run(layer, x)
+            outs.append(x)
+        return outs
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """The last stage's spatial map (B, feature_dim, h, w), for Grad-CAM and dense heads."""

@@ -1,0 +1,121 @@
+"""Batched per-image augmentation: identity, geometry, photometry against torchvision, independence."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+
+from cxrtune.augment import (XRAY_MEAN, XRAY_STD, AugmentConfig, BatchAugment, ViewParams, apply_params,
+                             blur, preprocess, sample_params)
+from cxrtune.errors import ConfigError
+
+NO_NOISE = AugmentConfig(noise_std=0.0)
+
+
+def _images(n=4, size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, size, size), generator=g, dtype=torch.uint8)
+
+
+def _unnormalise(x):
+    return x * XRAY_STD + XRAY_MEAN
+
+
+def test_identity_parameters_reproduce_the_input():
+    images = _images()
+    out = apply_params(images, ViewParams.identity(4), 16, NO_NOISE)
+    assert out.shape == (4, 1, 16, 16)
+    assert torch.allclose(_unnormalise(out)[:, 0], images.float() / 255, atol=1e-5)
+
+
+def test_flip_crop_and_rotation_are_exact_on_the_pixel_grid():
+    images = _images(n=2, size=8)
+    unit = images.float() / 255
+    p = ViewParams.identity(2)
+    p.flip = torch.tensor([True, False])
+    out = _unnormalise(apply_params(images, p, 8, NO_NOISE))[:, 0]
+    assert torch.allclose(out[0], unit[0].flip(-1), atol=1e-5)
+    assert torch.allclose(out[1], unit[1], atol=1e-5)
+    # Top-left quarter at half the size is exactly that block.
+    p = ViewParams.identity(2)
+    p.crop_w, p.crop_h = torch.full((2,), 0.5), torch.full((2,), 0.5)
+    p.center_x, p.center_y = torch.full((2,), -0.5), torch.full((2,), -0.5)
+    out = _unnormalise(apply_params(images, p, 4, NO_NOISE))[:, 0]
+    assert torch.allclose(out, unit[:, :4, :4], atol=1e-5)
+    # A 90 degree rotation is a rot90 of the image (one direction or the other).
+    p = ViewParams.identity(2)
+    p.angle = torch.full((2,), torch.pi / 2)
+    out = _unnormalise(apply_params(images, p, 8, NO_NOISE))[:, 0]
+    assert any(torch.allclose(out, torch.rot90(unit, k, dims=(1, 2)), atol=1e-5) for k in (1, -1))
+
+
+def test_brightness_contrast_and_blur_match_torchvision_per_image():
+    images = _images(n=3, size=16, seed=1)
+    unit = images.float().unsqueeze(1) / 255
+    p = ViewParams.identity(3)
+    p.brightness = torch.tensor([0.5, 1.0, 1.6])
+    p.contrast = torch.tensor([1.7, 0.3, 1.0])
+    p.blur_sigma = torch.tensor([0.0, 1.3, 0.6])
+    out = _unnormalise(apply_params(images, p, 16, NO_NOISE))
+    for i in range(3):
+        want = TF.adjust_contrast(TF.adjust_brightness(unit[i], p.brightness[i].item()), p.contrast[i].item())
+        if p.blur_sigma[i] > 0:
+            want = TF.gaussian_blur(want, [9, 9], [p.blur_sigma[i].item()] * 2)
+        assert torch.allclose(out[i], want, atol=1e-5), i
+
+
+def test_blur_with_zero_sigma_is_identity():
+    x = torch.rand(2, 1, 12, 12)
+    assert torch.equal(blur(x, torch.zeros(2), 9), x)
+
+
+def test_parameters_and_views_differ_per_image():
+    g = torch.Generator().manual_seed(0)
+    p = sample_params(256, AugmentConfig(), g)
+    assert p.angle.unique().numel() == 256 and (p.crop_w * p.crop_h).unique().numel() > 200
+    assert 0.4 < p.flip.float().mean() < 0.6
+    assert 0.7 < (p.brightness != 1).float().mean() < 0.9
+    assert 0.4 < (p.blur_sigma > 0).float().mean() < 0.6
+    area = p.crop_w * p.crop_h
+    assert area.min() >= 0.08 - 1e-6 and area.max() <= 1 + 1e-6
+    # The same image repeated gives different views (not one draw for the batch).
+    same = _images(n=1, size=32).repeat(8, 1, 1)
+    views = BatchAugment(AugmentConfig(), 24, torch.Generator().manual_seed(1))(same)
+    flat = views.flatten(1)
+    assert all(not torch.allclose(flat[0], flat[i]) for i in range(1, 8))
+
+
+def test_seeded_generator_reproduces_views_and_noise_has_its_std():
+    images = _images(n=4, size=32)
+    a = BatchAugment(AugmentConfig(), 32, torch.Generator().manual_seed(5))(images)
+    b = BatchAugment(AugmentConfig(), 32, torch.Generator().manual_seed(5))(images)
+    assert torch.equal(a, b)
+    clean_cfg = dataclasses.replace(NO_NOISE, noise_std=0.0)
+    p = ViewParams.identity(4)
+    p.noise = torch.ones(4, dtype=torch.bool)
+    noisy = apply_params(images, p, 32, AugmentConfig(noise_std=0.1), torch.Generator().manual_seed(0))
+    clean = apply_params(images, p, 32, clean_cfg)
+    assert (noisy - clean).std().item() == pytest.approx(0.1, rel=0.05)
+
+
+def test_preprocess_is_a_centre_crop_and_bad_input_is_refused():
+    images = _images(n=2, size=16)
+    out = _unnormalise(preprocess(images, 8, crop_fraction=0.5))[:, 0]
+    assert torch.allclose(out, images[:, 4:12, 4:12].float() / 255, atol=1e-5)
+    with pytest.raises(ValueError, match="uint8"):
+        preprocess(images.float(), 8)
+    with pytest.raises(ConfigError, match="blur_kernel"):
+        AugmentConfig(blur_kernel=4)
+
+
+def test_sampling_grid_equals_affine_grid():
+    import torch.nn.functional as F
+
+    from cxrtune.augment import affine_matrices, sampling_grid
+
+    theta = affine_matrices(sample_params(5, AugmentConfig(), torch.Generator().manual_seed(3)))
+    want = F.affine_grid(theta, [5, 1, 12, 12], align_corners=False)
+    assert torch.allclose(sampling_grid(theta, 12), want, atol=1e-6)
