@@ -5,6 +5,13 @@ its features falls and the effective rank drops towards 1 (the study's plain MoC
 feature std of 0.363 to 0.060). The sweep stops such trials early and marks them ``collapsed``
 rather than spending GPU hours on them; thresholds live in :class:`HealthConfig` so a sweep can
 tune or disable them (0 disables a check).
+
+The std check reads ``feature_std_batch`` when the engine reports it: the std of features computed
+with BatchNorm on the monitor set's own statistics. The study-style ``feature_std``,
+``effective_rank`` and ``mean_cosine`` use eval-mode BatchNorm, whose running statistics lag a
+network that is changing fast: in the first epochs of a run they read like collapse (rank near 1,
+cosine near 1) when nothing has collapsed. So the rank and cosine checks are off by default and
+the std check waits ``grace_epochs``.
 """
 
 from __future__ import annotations
@@ -21,16 +28,16 @@ STATUSES = ("completed", "pruned", "collapsed", "diverged", "errored")
 @dataclass
 class HealthConfig(Config):
     min_feature_std: float = param(0.01, low=0.0, doc="collapsed below this mean per-dimension feature std (0 = off)")
-    min_effective_rank: float = param(2.0, low=0.0, doc="collapsed below this effective rank (0 = off)")
-    max_mean_cosine: float = param(0.995, low=0.0, high=1.0, doc="collapsed above this mean pairwise cosine (1 = off)")
-    grace_epochs: int = param(1, low=0, doc="epochs before the checks apply (early features of a random init can be odd)")
+    min_effective_rank: float = param(0.0, low=0.0, doc="collapsed below this effective rank (0 = off)")
+    max_mean_cosine: float = param(1.0, low=0.0, high=1.0, doc="collapsed above this mean pairwise cosine (1 = off)")
+    grace_epochs: int = param(2, low=0, doc="epochs before the checks apply (eval-mode monitors lag early on)")
 
 
 def collapse_reason(metrics: Mapping[str, Any], config: HealthConfig, epoch: int) -> str | None:
     """A human-readable reason when ``metrics`` show collapse, else None."""
     if epoch < config.grace_epochs:
         return None
-    std = metrics.get("feature_std")
+    std = metrics.get("feature_std_batch", metrics.get("feature_std"))
     rank = metrics.get("effective_rank")
     cosine = metrics.get("mean_cosine")
     if std is not None and config.min_feature_std > 0 and (not math.isfinite(std) or std < config.min_feature_std):

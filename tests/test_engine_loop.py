@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,6 +60,7 @@ def test_checkpoint_is_a_backbone_file_and_keeps_the_last_k(tmp_path):
     result = pretrain(config, images, tmp_path / "run", callback=seen.append)
     assert [e for e, _ in list_checkpoints(tmp_path / "run")] == [2, 3]
     assert len(seen) == 3 and METRIC_KEYS <= set(seen[0])
+    assert [Path(m["checkpoint"]).name for m in seen] == ["epoch-0001.pt", "epoch-0002.pt", "epoch-0003.pt"]
     backbone = load_backbone(result.checkpoint, arch="resnet18")
     for key, value in backbone.torchvision_state_dict().items():
         assert torch.equal(value, result.backbone.torchvision_state_dict()[key])

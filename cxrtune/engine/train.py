@@ -4,8 +4,9 @@
 moves them to the device as uint8 (pinned on CUDA), lets the method augment and compute its loss
 there, and steps the optimiser with warmup + cosine, gradient clipping and bf16 autocast on CUDA.
 After every epoch it measures collapse on fixed images, appends a line to ``metrics.jsonl``,
-calls ``callback(metrics)`` (which may answer ``"stop"``) and, every ``checkpoint_every`` epochs,
-writes a checkpoint. A run started again in the same ``run_dir`` resumes from the latest
+every ``checkpoint_every`` epochs writes a checkpoint, then calls ``callback(metrics)`` with the
+checkpoint's path under ``"checkpoint"`` (None on epochs without one); the callback may answer
+``"stop"``, which saves a checkpoint if the epoch had none. A run started again in the same ``run_dir`` resumes from the latest
 checkpoint and continues exactly as if never interrupted (same batches, views, weights).
 """
 
@@ -303,13 +304,21 @@ def pretrain(config: PretrainConfig | Mapping[str, Any], images: np.ndarray, run
         with open(run_dir / METRICS_FILE, "a") as handle:
             handle.write(json.dumps(metrics) + "\n")
         history.append(metrics)
-        answer = callback(dict(metrics)) if callback is not None else None
         done = epoch + 1
+        due = done % t.checkpoint_every == 0 or done == t.epochs
+        if due:
+            last_checkpoint = save_checkpoint(
+                _payload(method, config, optimizer, schedule, generator, done, metrics),
+                checkpoint_path(run_dir, done), keep=t.keep_checkpoints)
+        # The callback sees the checkpoint of this epoch when one was written (a sweep trial turns
+        # it into a Tune checkpoint and evaluates the backbone in it).
+        answer = callback({**metrics, "checkpoint": str(last_checkpoint) if due else None}) \
+            if callback is not None else None
         if answer == "stop":
             status = "stopped"
         elif t.time_limit_minutes and (time.perf_counter() - started) / 60 >= t.time_limit_minutes and done < t.epochs:
             status = "time_limit"
-        if done % t.checkpoint_every == 0 or done == t.epochs or status != "completed":
+        if status != "completed" and not due:
             last_checkpoint = save_checkpoint(
                 _payload(method, config, optimizer, schedule, generator, done, metrics),
                 checkpoint_path(run_dir, done), keep=t.keep_checkpoints)

@@ -146,7 +146,11 @@ def load_torchvision_weights(backbone: Backbone, weights: str | Path | None) -> 
         state = state["state_dict"]
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     state = adapt_first_conv(state, backbone.in_chans)
-    missing, unexpected = backbone.trunk.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = backbone.trunk.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # tensor size mismatches: weights of another architecture
+        raise CheckpointError(f"weights file {path} does not match {arch}: {str(exc).splitlines()[0]} "
+                              "(are they the weights of another architecture?)") from exc
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
         raise CheckpointError(

@@ -1,0 +1,265 @@
+"""The command line every pretraining sweep script shares, and what the driver does around Tune.
+
+A sweep script declares a :class:`PretrainSweep` (method, search space, the study's setting as
+the seed point, objective) and calls :func:`main`. The driver then
+
+1. builds (or reuses) the image cache of the source, once, before any trial starts;
+2. samples the validation episodes once into ``<sweep>/episodes.parquet`` (every trial and every
+   resume sees the same ones);
+3. runs the Tune sweep (Optuna TPE, ASHA on the downstream objective, MLflow tracking);
+4. prints the table of trials, the best trial's objective next to random init's on the same
+   episodes with the 95 % CI of the paired difference, and exports the best checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cxrtune.errors import CxrtuneError
+
+#: Per profile: the engine profile, the sweep budget and the data scale. ``note`` says what a run
+#: of this size can and cannot show.
+PROFILES: dict[str, dict[str, Any]] = {
+    "smoke": {
+        "engine": "smoke", "num_samples": 2, "max_concurrent": 2, "cache_size": 32,
+        "overrides": {"train.epochs": 2, "train.checkpoint_every": 1, "train.batch_size": 16},
+        "phantom": {"n_pretrain": 192, "studies_per_patient": 4, "train_pos": 20, "val_pos": 4,
+                    "train_neg": 40, "val_neg": 30, "fewshot_studies": 1},
+        "shots": (5, 20), "trials": 2, "probe_input_size": 32, "grace_period": 1, "resources": {"cpu": 1},
+        "note": "a plumbing check: two tiny trials of two epochs; its AUROCs mean nothing",
+    },
+    "default": {
+        "engine": "cpu", "num_samples": 4, "max_concurrent": 2, "cache_size": 64,
+        "overrides": {"train.epochs": 3, "train.checkpoint_every": 1, "train.time_limit_minutes": 3.0,
+                      "optim.warmup_epochs": 1, "moco.queue_size": 1024},
+        "phantom": {"n_pretrain": 2048, "train_pos": 40, "val_pos": 20, "train_neg": 400, "val_neg": 200},
+        "shots": (5, 20), "trials": 3, "probe_input_size": 64, "grace_period": 1, "resources": {"cpu": 1},
+        "note": ("minutes of CPU pretraining learn little: this run shows the whole workflow (search, "
+                 "tracking, comparison with random init, export), not a gain over random init; use "
+                 "--profile cpu (about an hour) for that"),
+    },
+    "cpu": {
+        "engine": "cpu", "num_samples": 4, "max_concurrent": 2, "cache_size": 64,
+        "overrides": {"train.epochs": 30, "train.checkpoint_every": 3, "train.time_limit_minutes": 25.0},
+        "phantom": {},
+        "shots": (5, 20), "trials": 5, "probe_input_size": 64, "grace_period": 6, "resources": {"cpu": 1},
+        "note": "about an hour on 2 CPU cores: four 25-minute trials, two at a time",
+    },
+    "l4": {
+        "engine": "study", "num_samples": 16, "max_concurrent": 1, "cache_size": 256,
+        "overrides": {"train.checkpoint_every": 10},
+        "phantom": {},
+        "shots": (5, 20), "trials": 10, "probe_input_size": 224, "grace_period": 50,
+        "resources": {"cpu": 8, "gpu": 1},
+        "note": "the study's settings on one 24 GB GPU: days per trial, as in the study",
+    },
+}
+
+
+@dataclasses.dataclass
+class PretrainSweep:
+    """What a pretraining sweep script declares."""
+
+    name: str
+    method: str
+    space: dict[str, Any]
+    seed_point: dict[str, Any]
+    objective: str = "probe_auroc_20shot"
+    description: str = ""
+    fixed: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def build_parser(sweep: PretrainSweep) -> argparse.ArgumentParser:
+    searched = ", ".join(sweep.space)
+    parser = argparse.ArgumentParser(
+        prog=f"python sweeps/{sweep.name}.py",
+        description=(sweep.description or f"{sweep.method} sweep") + f"\n\nSearched: {searched}. "
+        f"Objective: {sweep.objective} (mean probe AUROC over the findings, maximised).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Profiles:\n" + "\n".join(f"  {k:<8} {v['note']}" for k, v in PROFILES.items()),
+    )
+    parser.add_argument("--profile", default="default", choices=tuple(PROFILES), help="budget and scale (default: default)")
+    parser.add_argument("--source", default="phantom", help="data source: phantom (embedded), nih, padchest, csv")
+    parser.add_argument("--root", default=None, help="folder of the source's files")
+    parser.add_argument("--option", "-o", action="append", metavar="KEY=VALUE", help="source option, repeatable")
+    parser.add_argument("--num-samples", type=int, default=None, help="trials to run (default: the profile's)")
+    parser.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: the profile's)")
+    parser.add_argument("--name", default=None, help=f"sweep name, the folder under --storage (default: {sweep.name})")
+    parser.add_argument("--storage", default="./cxrtune-runs", help="where sweeps live; shared storage on a cluster")
+    parser.add_argument("--address", default=None, help="an existing Ray cluster ('auto' or host:port)")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this name")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="fix a config key, e.g. train.epochs=5")
+    parser.add_argument("--gpu", type=float, default=None, help="GPU share per trial (default: the profile's)")
+    parser.add_argument("--cpus", type=int, default=None, help="CPUs Ray may use on this machine (default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the Optuna sampler")
+    return parser
+
+
+def _profile_config(sweep: PretrainSweep, profile: dict[str, Any], sets: dict[str, Any]) -> dict[str, Any]:
+    from cxrtune.engine import profiles
+
+    config = profiles.profile(profile["engine"], sweep.method).override({**profile["overrides"], **sweep.fixed, **sets})
+    return config.to_flat()
+
+
+def prepare_data(args: argparse.Namespace, profile: dict[str, Any], folder: Path):
+    """Build the cache and sample the episodes once, in the driver."""
+    from cxrtune.cli import parse_options
+    from cxrtune.data.cache import get_cache
+    from cxrtune.data.sources.base import make_source
+    from cxrtune.data.tasks import load_episodes, sample_episodes, save_episodes
+
+    options = parse_options(args.option)
+    if args.source == "phantom":
+        options = {**profile["phantom"], **options}
+    source = make_source(args.source, args.root, **options)
+    cache = get_cache(source, size=profile["cache_size"], progress=True)
+    episodes_path = folder / "episodes.parquet"
+    if episodes_path.is_file():
+        episodes = load_episodes(episodes_path)
+    else:
+        pool = source.task_pool(cache.index)
+        episodes = sample_episodes(pool, shots=profile["shots"], trials=profile["trials"])
+        save_episodes(episodes, episodes_path)
+    return source, cache, episodes, episodes_path
+
+
+def main(sweep: PretrainSweep, argv: list[str] | None = None) -> int:
+    args = build_parser(sweep).parse_args(argv)
+    try:
+        return run(sweep, args)
+    except CxrtuneError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def run(sweep: PretrainSweep, args: argparse.Namespace) -> int:
+    from cxrtune.cli import parse_options
+    from cxrtune.sweep.runner import SweepSpec, run_sweep, sweep_dir
+    from trainables.pretrain import pretrain_trainable
+
+    profile = PROFILES[args.profile]
+    name = args.name or sweep.name
+    folder = sweep_dir(name, args.storage)
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    print(f"sweep {name}: profile {args.profile} ({profile['note']})")
+    source, cache, episodes, episodes_path = prepare_data(args, profile, folder)
+    print(f"data: {source.name}, {len(cache)} cached images at {cache.size} px, {len(episodes)} validation episodes")
+
+    fixed = _profile_config(sweep, profile, parse_options(args.set, "--set"))
+    fixed.update({"trial.cache": str(cache.path), "trial.episodes": str(episodes_path),
+                  "trial.probe_input_size": profile["probe_input_size"]})
+    unknown = [k for k in sweep.space if k not in fixed]
+    if unknown:
+        raise CxrtuneError(f"search space key {unknown[0]!r} is not a config key")
+    sets = parse_options(args.set, "--set")
+    space = {k: v for k, v in sweep.space.items() if k not in sets}  # --set fixes a searched key
+    seed_point = {k: v for k, v in sweep.seed_point.items() if k in space}
+    param_space = {**fixed, **space}
+    resources = dict(profile["resources"])
+    if args.gpu is not None:
+        resources["gpu"] = args.gpu
+    spec = SweepSpec(
+        name=name, trainable=pretrain_trainable, param_space=param_space, metric=sweep.objective, mode="max",
+        num_samples=args.num_samples or profile["num_samples"],
+        max_concurrent=args.max_concurrent or profile["max_concurrent"], resources=resources,
+        points_to_evaluate=[seed_point] if seed_point else [], seed=args.seed, asha=True,
+        max_t=int(fixed["train.epochs"]), grace_period=min(profile["grace_period"], int(fixed["train.epochs"])),
+        tags={"cxrtune.method": sweep.method, "cxrtune.profile": args.profile, "cxrtune.source": source.name},
+    )
+    results = run_sweep(spec, resume=args.resume, storage=args.storage, tracking_uri=args.tracking_uri,
+                        address=args.address, num_cpus=args.cpus)
+    summary = summarise(results, sweep, spec, folder)
+    print(summary["text"])
+    print(f"sweep folder: {folder}; wall time {time.time() - started:.0f} s")
+    return 0
+
+
+def trials_table(results, sweep: PretrainSweep) -> pd.DataFrame:
+    from cxrtune.sweep.callbacks import trial_status
+
+    rows = []
+    for result in results:
+        metrics = result.metrics or {}
+        config = result.config or {}
+        row = {"trial": metrics.get("trial_id", "?"),
+               "status": trial_status(metrics, result.error is not None),
+               "epochs": metrics.get("epoch"),
+               sweep.objective: metrics.get(sweep.objective),
+               "random_init": metrics.get(f"initial_{sweep.objective}")}
+        for key in sweep.space:
+            row[key] = config.get(key)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def paired_difference(best_dir: Path, objective: str, seed: int = 0) -> dict[str, float] | None:
+    """Best checkpoint vs random init on the same episodes: mean AUROC difference at the
+    objective's shot count with a 95 % bootstrap CI over the per-disease mean differences."""
+    from cxrtune.evaluate.stats import bootstrap_ci
+
+    best = best_dir / "probe_results.parquet"
+    initial = best_dir.parent / "work" / "initial_probe_results.parquet"
+    if not best.is_file() or not initial.is_file():
+        return None
+    shots = int(objective.rsplit("_", 1)[1].replace("shot", ""))
+    a = pd.read_parquet(best)
+    b = pd.read_parquet(initial)
+    a, b = a[a["shots"] == shots], b[b["shots"] == shots]
+    merged = a.merge(b, on=["disease", "shots", "trial"], suffixes=("_best", "_random"))
+    per_disease = merged.groupby("disease")[["auroc_best", "auroc_random"]].mean()
+    diff = (per_disease["auroc_best"] - per_disease["auroc_random"]).to_numpy()
+    low, high = bootstrap_ci(diff, seed=seed)
+    return {"best": float(per_disease["auroc_best"].mean()), "random": float(per_disease["auroc_random"].mean()),
+            "difference": float(diff.mean()), "ci_low": low, "ci_high": high, "diseases": int(diff.size)}
+
+
+def summarise(results, sweep: PretrainSweep, spec, folder: Path) -> dict[str, Any]:
+    from cxrtune.export import export_best
+
+    table = trials_table(results, sweep)
+    lines = ["", "trials:", table.to_string(index=False, float_format=lambda v: f"{v:.4g}"), ""]
+    scored = table.dropna(subset=[sweep.objective])
+    summary: dict[str, Any] = {"table": table}
+    if scored.empty:
+        lines.append("no trial reported the objective; nothing to export")
+        summary["text"] = "\n".join(lines)
+        return summary
+    try:
+        best = results.get_best_result(metric=sweep.objective, mode="max", scope="all")
+        best_ckpt = best.get_best_checkpoint(metric=sweep.objective, mode="max") if best.best_checkpoints else None
+    except Exception:
+        best, best_ckpt = None, None
+    if best_ckpt is not None:
+        comparison = paired_difference(Path(best_ckpt.path), sweep.objective)
+        if comparison is not None:
+            verdict = ("the CI lies above zero: the best trial beats random init on these episodes"
+                       if comparison["ci_low"] > 0 else
+                       "the CI includes zero (or lies below it): no gain over random init is shown")
+            lines.append(
+                f"best trial {sweep.objective} {comparison['best']:.3f} vs random init {comparison['random']:.3f} "
+                f"on the same episodes: difference {comparison['difference']:+.3f}, 95% CI "
+                f"[{comparison['ci_low']:+.3f}, {comparison['ci_high']:+.3f}] over {comparison['diseases']} findings; "
+                + verdict)
+            summary["comparison"] = comparison
+    try:
+        out = export_best(folder, sweep.objective, "max", force=True)
+        lines.append(f"exported the best checkpoint to {out}")
+        summary["export"] = out
+    except CxrtuneError as err:
+        lines.append(f"export skipped: {err}")
+    table.to_csv(folder / "trials.csv", index=False)
+    summary["text"] = "\n".join(lines)
+    return summary

@@ -1,0 +1,231 @@
+"""One sweep trial in plain Python: what a Ray Tune trainable runs, without Ray.
+
+:func:`run_pretrain_trial` pretrains one configuration and judges it the way the sweep's objective
+asks: every time the engine writes a checkpoint, the backbone in it is frozen and probed on the
+sweep's validation episodes (batched linear probes, the study's protocol), giving
+``probe_auroc_{n}shot``. Before the first epoch the initial backbone is probed the same way, so
+every report carries the objective (ASHA and Optuna need it at every step) and every trial measures
+its own random-init baseline on the same episodes. Reports go through the ``report`` function the
+caller passes (``ray.tune.report`` in ``trainables/pretrain.py``); checkpoints are folders holding
+the engine checkpoint, a ``backbone.pt`` for export and the probe results table.
+
+:func:`run_fewshot_trial` evaluates one given backbone (a checkpoint, ImageNet or random init) on
+the episodes and reports the mean AUROC per shot count.
+
+The flat trial config is the :class:`cxrtune.engine.PretrainConfig` keys (``method``,
+``moco.temperature``, ...) plus ``trial.*`` (:class:`TrialConfig`) and ``health.*``
+(:class:`cxrtune.health.HealthConfig`) keys.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cxrtune.config import Config, param
+from cxrtune.data.cache import ImageCache
+from cxrtune.data.tasks import load_episodes
+from cxrtune.engine import PretrainConfig, pretrain
+from cxrtune.engine.checkpoint import checkpoint_path, load_checkpoint
+from cxrtune.errors import ConfigError, DivergenceError
+from cxrtune.evaluate.features import BackboneSpec, ExtractConfig, extract_features
+from cxrtune.evaluate.preprocess import PreprocessConfig
+from cxrtune.evaluate.probe import ProbeConfig, fit_probes
+from cxrtune.evaluate.run import EvalConfig, run_evaluation
+from cxrtune.health import HealthConfig, collapse_reason
+from cxrtune.models.backbone import Backbone, build_backbone, load_backbone, save_backbone
+
+Report = Callable[[dict[str, Any], Path | None], None]
+ENGINE_CHECKPOINT = "checkpoint.pt"
+BACKBONE_FILE = "backbone.pt"
+PROBE_RESULTS = "probe_results.parquet"
+STATE_FILE = "trial_state.json"
+INITIAL_RESULTS = "initial_probe_results.parquet"
+
+
+@dataclass
+class TrialConfig(Config):
+    cache: str = param("", doc="image cache folder (built once by the sweep driver)")
+    episodes: str = param("", doc="validation episodes Parquet (sampled once by the sweep driver)")
+    pretrain_subset: str = param("pretrain", doc="train on rows whose 'subset' column has this value, if the index has one")
+    probe_input_size: int = param(64, low=16, doc="backbone input side for the in-loop probe")
+    probe_crop_fraction: float = param(1.0, low=0, high=1, low_open=True, doc="centre crop of the cached side for the probe")
+    threads: int = param(0, low=0, doc="torch CPU threads for this trial (0 = leave as is)")
+
+    def validate(self) -> None:
+        if not self.cache or not self.episodes:
+            raise ConfigError("TrialConfig.cache and TrialConfig.episodes must name the sweep's cache folder "
+                              "and episodes file (the sweep driver fills them in)")
+
+
+def split_flat(flat: Mapping[str, Any]) -> tuple[PretrainConfig, TrialConfig, HealthConfig]:
+    """The three configs of a flat trial dict; unknown keys are refused with the valid ones."""
+    pre, trial, health = {}, {}, {}
+    known = set(PretrainConfig().to_flat())
+    for key, value in flat.items():
+        if key.startswith("trial."):
+            trial[key[6:]] = value
+        elif key.startswith("health."):
+            health[key[7:]] = value
+        elif key in known:
+            pre[key] = value
+        else:
+            raise ConfigError(f"unknown trial config key {key!r}: use PretrainConfig keys (e.g. 'optim.lr'), "
+                              "'trial.*' or 'health.*'")
+    return PretrainConfig().override(pre), TrialConfig.from_flat(trial), HealthConfig.from_flat(health)
+
+
+def pretrain_rows(cache: ImageCache, subset: str) -> np.ndarray:
+    index = cache.index
+    if "subset" in index.columns and subset:
+        rows = index.loc[index["subset"] == subset, "cache_row"].to_numpy()
+        if rows.size == 0:
+            raise ConfigError(f"trial.pretrain_subset = {subset!r} selects no image of the cache; "
+                              f"subsets there: {sorted(set(index['subset']))}")
+        return rows
+    return index["cache_row"].to_numpy()
+
+
+class ProbeJudge:
+    """Scores a backbone on the sweep's episodes with batched linear probes."""
+
+    def __init__(self, cache: ImageCache, episodes: pd.DataFrame, trial: TrialConfig, device: str) -> None:
+        self.cache = cache
+        self.episodes = episodes
+        row_of_id = dict(zip(cache.index["image_id"], cache.index["cache_row"].astype(int)))
+        ids = sorted({i for col in ("train_ids", "test_ids") for ids in episodes[col] for i in ids})
+        missing = [i for i in ids if i not in row_of_id]
+        if missing:
+            raise ConfigError(f"episodes refer to image {missing[0]!r}, which is not in the cache {cache.path}")
+        self.ids = ids
+        self.rows = np.array([row_of_id[i] for i in ids], dtype=np.int64)
+        self.local = {image_id: k for k, image_id in enumerate(ids)}
+        self.preprocessing = PreprocessConfig(input_size=trial.probe_input_size, crop_fraction=trial.probe_crop_fraction)
+        self.extraction = ExtractConfig(device=device, batch_size=128)
+
+    def __call__(self, backbone: Backbone) -> tuple[dict[str, float], pd.DataFrame]:
+        features = extract_features(backbone, self.cache.images, self.rows, self.preprocessing, self.extraction,
+                                    what="trial backbone")
+        table = fit_probes(features, self.episodes, self.local, ProbeConfig())
+        per_shots = table.groupby(["shots", "disease"])["auroc"].mean().groupby("shots").mean()
+        metrics = {f"probe_auroc_{int(s)}shot": float(v) for s, v in per_shots.items()}
+        return metrics, table
+
+
+def _device(config: PretrainConfig) -> str:
+    if config.train.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return config.train.device
+
+
+def _write_checkpoint_dir(folder: Path, engine_checkpoint: Path, backbone: Backbone, results: pd.DataFrame,
+                          state: dict[str, Any]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(engine_checkpoint, folder / ENGINE_CHECKPOINT)
+    save_backbone(backbone, folder / BACKBONE_FILE, meta={"epoch": state.get("epoch", 0)})
+    results.to_parquet(folder / PROBE_RESULTS, index=False)
+    (folder / STATE_FILE).write_text(json.dumps(state))
+    return folder
+
+
+def restore_into(run_dir: Path, checkpoint_folder: Path) -> dict[str, Any]:
+    """Put a trial checkpoint's engine checkpoint where the engine resumes from; return the
+    trial state (last objective values) saved beside it."""
+    payload = load_checkpoint(checkpoint_folder / ENGINE_CHECKPOINT)
+    target = checkpoint_path(run_dir, int(payload["epoch"]))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(checkpoint_folder / ENGINE_CHECKPOINT, target)
+    state_file = checkpoint_folder / STATE_FILE
+    return json.loads(state_file.read_text()) if state_file.is_file() else {}
+
+
+def run_pretrain_trial(flat: Mapping[str, Any], work_dir: str | Path, report: Report,
+                       restore_from: str | Path | None = None) -> dict[str, Any]:
+    """Run one pretraining trial, reporting after every epoch; returns the last report."""
+    config, trial, health = split_flat(flat)
+    if trial.threads:
+        torch.set_num_threads(trial.threads)
+    work_dir = Path(work_dir)
+    run_dir = work_dir / "run"
+    cache = ImageCache.open(trial.cache)
+    rows = pretrain_rows(cache, trial.pretrain_subset)
+    judge = ProbeJudge(cache, load_episodes(trial.episodes), trial, _device(config))
+    state: dict[str, Any] = {}
+    if restore_from is not None:
+        state = restore_into(run_dir, Path(restore_from))
+    if "objective" not in state:
+        # The backbone the engine starts from: same seed, same construction.
+        torch.manual_seed(config.train.seed)
+        initial = build_backbone(config.model.arch, config.model.init, config.model.weights, config.model.in_chans)
+        initial_metrics, initial_table = judge(initial)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        initial_table.to_parquet(work_dir / INITIAL_RESULTS, index=False)
+        state = {"objective": initial_metrics, "objective_epoch": 0,
+                 "initial": {f"initial_{k}": v for k, v in initial_metrics.items()}}
+    last: dict[str, Any] = {}
+
+    def on_epoch(metrics: dict[str, Any]) -> str | None:
+        nonlocal last
+        checkpoint = metrics.pop("checkpoint", None)
+        folder = None
+        if checkpoint is not None:
+            backbone = load_backbone(checkpoint)
+            objective, table = judge(backbone)
+            state.update(objective=objective, objective_epoch=metrics["epoch"], epoch=metrics["epoch"])
+            folder = _write_checkpoint_dir(Path(tempfile.mkdtemp(prefix="ckpt-", dir=work_dir)),
+                                           Path(checkpoint), backbone, table, dict(state))
+        reason = collapse_reason(metrics, health, metrics["epoch"])
+        out = {**metrics, **state["objective"], **state["initial"], "objective_epoch": state["objective_epoch"],
+               "final": metrics["epoch"] >= config.train.epochs}
+        if reason is not None:
+            out.update(trial_status="collapsed", collapse_reason=reason, final=True)
+        last = out
+        report(out, folder)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+        return "stop" if reason is not None else None
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        result = pretrain(config, cache.images, run_dir, rows=rows, callback=on_epoch, resume=True)
+    except DivergenceError as err:
+        out = {**last, **state["objective"], **state["initial"], "trial_status": "diverged",
+               "divergence": str(err), "final": True}
+        out.setdefault("epoch", err.epoch)
+        report(out, None)
+        return out
+    if result.status == "time_limit" and last:
+        last = {**last, "final": True, "stopped_by": "time_limit"}
+        report(last, None)
+    return last
+
+
+def run_fewshot_trial(flat: Mapping[str, Any], report: Report, out_dir: str | Path) -> dict[str, Any]:
+    """Evaluate one backbone on the episodes; keys ``backbone.*``, ``eval.*`` (EvalConfig) and
+    ``trial.cache``/``trial.episodes``."""
+    backbone_keys = {k[9:]: v for k, v in flat.items() if k.startswith("backbone.")}
+    eval_keys = {k[5:]: v for k, v in flat.items() if k.startswith("eval.")}
+    cache = ImageCache.open(flat["trial.cache"])
+    episodes = load_episodes(flat["trial.episodes"])
+    spec = BackboneSpec.from_flat(backbone_keys)
+    config = EvalConfig.from_flat(eval_keys)
+    out_dir = Path(out_dir)
+    table = run_evaluation(spec, cache, episodes, config=config, out=out_dir / "results.parquet")
+    metrics: dict[str, Any] = {}
+    for evaluator, group in table.groupby("evaluator"):
+        per_shots = group.groupby(["shots", "disease"])["auroc"].mean().groupby("shots").mean()
+        for shots, value in per_shots.items():
+            metrics[f"{evaluator}_auroc_{int(shots)}shot"] = float(value)
+    metrics["mean_auroc"] = float(np.mean([v for v in metrics.values() if math.isfinite(v)]))
+    metrics["final"] = True
+    report(metrics, None)
+    return metrics

@@ -1,0 +1,107 @@
+"""The batched linear probe against scikit-learn on the same episodes and features."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+from sklearn.metrics import roc_auc_score
+from threadpoolctl import threadpool_limits
+
+from _eval_fixtures import make_episodes, synthetic_features
+from cxrtune.errors import DataError, TaskError
+from cxrtune.evaluate.probe import ProbeConfig, fit_probes, solve_logistic
+
+CS = [0.01, 0.1, 1, 10, 100]
+
+
+def _sklearn_probe(x, rec, row_of_id, **solver):
+    """The study's probe, episode by episode: LogisticRegressionCV, C = 1 at one shot."""
+    train = x[[row_of_id[i] for i in rec.train_ids]]
+    test = x[[row_of_id[i] for i in rec.test_ids]]
+    if rec.n == 1:
+        model, C = LogisticRegression(C=1.0, **solver).fit(train, rec.train_labels), 1.0
+    else:
+        model = LogisticRegressionCV(Cs=CS, cv=min(5, int(rec.n)), scoring="accuracy", l1_ratios=(0.0,),
+                                     use_legacy_attributes=False, **solver).fit(train, rec.train_labels)
+        C = float(np.ravel(model.C_)[0])
+    return roc_auc_score(rec.test_labels, model.decision_function(test)), C
+
+
+@pytest.fixture(scope="module")
+def grid():
+    index, episodes = make_episodes(n_diseases=4, shots=(1, 5, 10, 20), trials=3)
+    features, row_of_id = synthetic_features(index, dim=48, signal=0.3)
+    x = features.astype(np.float64)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return episodes, features, x, row_of_id
+
+
+def test_solver_matches_sklearn_coefficients_with_padding_and_weights():
+    rng = np.random.default_rng(0)
+    problems, expected = [], []
+    for C in (0.01, 1.0, 100.0):
+        n = int(rng.integers(6, 20))
+        x = rng.normal(size=(n, 5))
+        y = (x[:, 0] + rng.normal(size=n) > 0).astype(int)
+        y[:2] = (0, 1)
+        model = LogisticRegression(C=C, tol=1e-12, max_iter=10_000).fit(x, y)
+        expected.append(np.r_[model.coef_.ravel(), model.intercept_])
+        problems.append((x, y, C))
+    N = max(len(p[1]) for p in problems)
+    feats = torch.zeros(3, N, 5, dtype=torch.float64)
+    labels = torch.zeros(3, N, dtype=torch.long)
+    weights = torch.zeros(3, N, dtype=torch.float64)
+    for i, (x, y, _) in enumerate(problems):
+        feats[i, : len(y)] = torch.from_numpy(x)
+        feats[i, len(y):] = 7.0  # padded samples carry weight 0 and must not matter
+        labels[i, : len(y)] = torch.from_numpy(y)
+        weights[i, : len(y)] = 1
+    theta, iterations = solve_logistic(feats, labels, weights, torch.tensor([p[2] for p in problems]))
+    for got, want in zip(theta.numpy(), expected):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert int(iterations.max()) < 50
+
+
+def test_batched_probe_agrees_with_the_studys_sklearn_probe(grid):
+    """The issue's criterion: mean |AUROC difference| <= 0.01 against LogisticRegressionCV defaults."""
+    episodes, features, x, row_of_id = grid
+    got = fit_probes(features, episodes, row_of_id, ProbeConfig())
+    assert list(got.columns[:4]) == ["disease", "shots", "n", "trial"]
+    with warnings.catch_warnings(), threadpool_limits(1):  # tiny BLAS calls: threads only add overhead
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        reference = [_sklearn_probe(x, rec, row_of_id) for rec in episodes.itertuples()]
+    diff = np.abs(got["auroc"].to_numpy() - np.array([r[0] for r in reference]))
+    print(f"mean |dAUROC| vs sklearn defaults over {len(diff)} probes: {diff.mean():.5f} (max {diff.max():.5f})")
+    assert diff.mean() <= 0.01
+    assert got["auroc"].between(0.5, 1.0).mean() > 0.8  # the features carry signal: not a vacuous match
+
+
+def test_batched_probe_equals_a_fully_converged_sklearn_probe(grid):
+    """With scikit-learn run to convergence, the chosen C and the AUROC are the same per episode."""
+    episodes, features, x, row_of_id = grid
+    part = episodes[episodes["shots"].isin([1, 5, 10])].iloc[::3]
+    got = fit_probes(features, part, row_of_id)
+    with threadpool_limits(1):
+        reference = [_sklearn_probe(x, rec, row_of_id, tol=1e-10, max_iter=10_000) for rec in part.itertuples()]
+    np.testing.assert_allclose(got["auroc"], [r[0] for r in reference], atol=1e-9)
+    assert got["C"].tolist() == [r[1] for r in reference]
+    assert set(got.loc[got["n"] == 1, "C"]) == {1.0}
+
+
+def test_probe_refuses_nan_features_and_tasks_without_test_positives(grid):
+    episodes, features, x, row_of_id = grid
+    broken = features.copy()
+    broken[row_of_id[episodes.iloc[0].train_ids[0]], 3] = np.nan
+    with pytest.raises(DataError, match="NaN"):
+        fit_probes(broken, episodes.head(2), row_of_id)
+    bad = episodes.head(1).copy()
+    bad.at[bad.index[0], "test_labels"] = [0] * len(bad.iloc[0].test_labels)
+    with pytest.raises(TaskError, match="test set has 0 positives"):
+        fit_probes(features, bad, row_of_id)
+    with pytest.raises(DataError, match="no extracted feature row"):
+        fit_probes(features, episodes.head(1), {})

@@ -1,0 +1,96 @@
+"""run_evaluation end to end: tidy table, Parquet, feature cache reuse, study table, monitor, CLI."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from _eval_fixtures import FakeCache, make_episodes, synthetic_images
+from cxrtune.data.tasks import save_episodes
+from cxrtune.errors import TaskError
+from cxrtune.evaluate.features import BackboneSpec
+from cxrtune.evaluate.run import RESULT_COLUMNS, EvalConfig, probe_monitor, run_evaluation, study_table
+from cxrtune.models.backbone import build_backbone
+
+TINY = dict(input_size=28, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def data():
+    torch.set_num_threads(1)
+    index, episodes = make_episodes(n_diseases=3, shots=(1, 5), trials=2, train_pos=12, val_pos=5, normal=(40, 20))
+    return FakeCache(index, synthetic_images(index)), episodes
+
+
+def test_probe_and_knn_give_a_tidy_table_and_reuse_cached_features(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("CXRTUNE_CACHE", str(tmp_path / "cache"))
+    cache, episodes = data
+    spec = BackboneSpec(init="random", arch="resnet18", seed=0)
+    config = EvalConfig(evaluators=("probe", "knn"), **TINY)
+    table = run_evaluation(spec, cache, episodes, config=config, out=tmp_path / "results.parquet")
+    assert list(table.columns[: len(RESULT_COLUMNS)]) == RESULT_COLUMNS
+    assert len(table) == 2 * len(episodes) and set(table["evaluator"]) == {"probe", "knn"}
+    assert table["backbone"].unique().tolist() == ["random-resnet18"]
+    assert table["auroc"].between(0, 1).all() and table.loc[table.evaluator == "probe", "C"].notna().all()
+    assert table.loc[table.evaluator == "knn", "C"].isna().all()
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "results.parquet"), table)
+    assert not list(tmp_path.glob(".*tmp"))
+    cached = sorted((tmp_path / "cache" / "features").glob("*.npy"))
+    assert len(cached) == 1
+    again = run_evaluation(spec, cache, episodes, config=config)
+    pd.testing.assert_frame_equal(again, table)
+    assert sorted((tmp_path / "cache" / "features").glob("*.npy")) == cached  # extracted once
+
+
+def test_study_table_and_monitor_agree_with_the_table(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("CXRTUNE_CACHE", str(tmp_path))
+    cache, episodes = data
+    config = EvalConfig(evaluators=("probe",), **TINY)
+    a = run_evaluation(BackboneSpec(init="random", arch="resnet18", seed=0), cache, episodes, config=config, name="ssl")
+    b = run_evaluation(BackboneSpec(init="random", arch="resnet18", seed=1), cache, episodes, config=config, name="base")
+    text = study_table(pd.concat([a, b]), baseline="base")
+    per_disease = a.groupby(["shots", "disease"]).auroc.mean().groupby("shots").mean()
+    assert f"{per_disease[5]:.3f}" in text.splitlines()[3] and "t-test p / Wilcoxon p" in text
+    with pytest.raises(TaskError, match="baseline 'nope'"):
+        study_table(a, baseline="nope")
+    backbone = build_backbone("resnet18", "random", seed=0)
+    backbone.train()
+    from cxrtune.evaluate.preprocess import PreprocessConfig
+    from cxrtune.evaluate.features import ExtractConfig
+    monitor = probe_monitor(backbone, cache, episodes, preprocessing=PreprocessConfig(input_size=28),
+                            extraction=ExtractConfig(device="cpu"))
+    assert set(monitor) == {"probe_auroc_1shot", "probe_auroc_5shot"} and backbone.training
+    assert monitor["probe_auroc_5shot"] == pytest.approx(per_disease[5], abs=1e-6)
+
+
+def test_finetune_evaluator_runs_seeded(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("CXRTUNE_CACHE", str(tmp_path))
+    cache, episodes = data
+    part = episodes[episodes.shots == 1].head(2)
+    config = EvalConfig(evaluators=("finetune",), **TINY).override({"finetune.epochs": 1})
+    spec = BackboneSpec(init="random", arch="resnet18", seed=0)
+    first = run_evaluation(spec, cache, part, config=config)
+    second = run_evaluation(spec, cache, part, config=config)
+    pd.testing.assert_frame_equal(first, second)
+    assert (first["evaluator"] == "finetune").all() and first["auroc"].between(0, 1).all()
+
+
+def test_cli_prints_the_study_table(data, tmp_path, monkeypatch, capsys):
+    import cxrtune.cli
+    import cxrtune.data.cache
+
+    monkeypatch.setenv("CXRTUNE_CACHE", str(tmp_path))
+    cache, episodes = data
+    monkeypatch.setattr(cxrtune.data.cache, "get_cache", lambda *a, **k: cache)
+    monkeypatch.setattr(cxrtune.cli, "source_from_args", lambda args: None)
+    save_episodes(episodes, tmp_path / "episodes.parquet")
+    code = cxrtune.cli.main(["evaluate", "--checkpoint", "random", "--arch", "resnet18", "--baseline", "random",
+                             "--seed", "1", "--episodes", str(tmp_path / "episodes.parquet"), "--device", "cpu",
+                             "--set", "input_size=28", "--evaluator", "knn", "--out", str(tmp_path / "r.parquet"),
+                             "--quiet"])
+    out = capsys.readouterr().out
+    print(out)
+    assert code == 0 and (tmp_path / "r.parquet").is_file()
+    assert "random-resnet18-baseline" in out and "paired over diseases vs random-resnet18-baseline" in out
+    assert len(pd.read_parquet(tmp_path / "r.parquet")) == 2 * len(episodes)

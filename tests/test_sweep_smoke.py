@@ -1,0 +1,98 @@
+"""The main job end to end at smoke size: `python sweeps/moco_variance.py --profile smoke`.
+
+One Ray session for the module; everything (cache, sweeps, MLflow store) under tmp_path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+ray = pytest.importorskip("ray")
+mlflow = pytest.importorskip("mlflow")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_sweep_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"sweep_{name}", ROOT / "sweeps" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sweep")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CXRTUNE_CACHE", str(path / "cache"))
+    mp.chdir(path)
+    yield path
+    mp.undo()
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def smoke_sweep(workdir):
+    from cxrtune.sweep.cli import main
+
+    script = _load_sweep_script("moco_variance")
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    code = main(script.SWEEP, ["--profile", "smoke", "--storage", str(workdir / "runs"), "--tracking-uri", uri,
+                               "--cpus", "2"])
+    assert code == 0
+    return workdir / "runs" / "moco_variance", uri
+
+
+def test_smoke_sweep_tracks_every_trial_in_mlflow(smoke_sweep):
+    folder, uri = smoke_sweep
+    client = mlflow.tracking.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("cxrtune/moco_variance")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("cxrtune.role") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("cxrtune.role") == "trial"]
+    assert len(parents) == 1 and len(children) == 2
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert child.data.tags["cxrtune.status"] == "completed"
+        assert child.data.params["method"] == "moco"
+        assert "moco.temperature" in child.data.params and "optim.lr" in child.data.params
+        history = client.get_metric_history(child.info.run_id, "feature_std")
+        assert [m.step for m in history] == [1, 2]  # one point per epoch
+        assert 0.0 <= child.data.metrics["probe_auroc_20shot"] <= 1.0
+    # the study's setting was the first trial evaluated
+    temps = sorted(float(c.data.params["moco.temperature"]) for c in children)
+    assert 0.07 in temps
+
+
+def test_smoke_sweep_exports_a_backbone_that_loads_into_torchvision(smoke_sweep):
+    folder, _ = smoke_sweep
+    export = folder / "export"
+    model = torchvision.models.resnet18()
+    model.fc = torch.nn.Identity()
+    model.load_state_dict(torch.load(export / "backbone.pt", weights_only=True), strict=True)
+    metrics = json.loads((export / "metrics.json").read_text())
+    assert metrics["selected_by"]["metric"] == "probe_auroc_20shot"
+    assert (folder / "trials.csv").is_file() and (folder / "optuna.db").is_file()
+
+
+def test_a_diverging_trial_ends_as_diverged_and_the_sweep_finishes(workdir, smoke_sweep):
+    from cxrtune.sweep.cli import main
+
+    script = _load_sweep_script("moco_variance")
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    code = main(script.SWEEP, ["--profile", "smoke", "--storage", str(workdir / "runs"), "--tracking-uri", uri,
+                               "--name", "diverging", "--num-samples", "1",
+                               "--set", "optim.lr=1e30", "--set", "optim.clip_grad_norm=0"])
+    assert code == 0
+    client = mlflow.tracking.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("cxrtune/diverging")
+    children = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("cxrtune.role") == "trial"]
+    assert [c.data.tags["cxrtune.status"] for c in children] == ["diverged"]
+    assert children[0].info.status == "FINISHED"

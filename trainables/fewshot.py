@@ -1,0 +1,23 @@
+"""Ray Tune function trainable: evaluate one backbone on the sweep's episodes (probe or finetune).
+
+Small enough that many pack onto one GPU with fractional resources.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ray import tune
+
+from cxrtune.trial import run_fewshot_trial
+from trainables._resources import apply_trial_resources
+
+
+def fewshot_trainable(config: dict) -> None:
+    apply_trial_resources()
+    out_dir = Path(tune.get_context().get_trial_dir())
+
+    def report(metrics: dict, folder: Path | None) -> None:
+        tune.report(metrics)
+
+    run_fewshot_trial(config, report, out_dir)
