@@ -210,8 +210,10 @@ def run_pretrain_trial(flat: Mapping[str, Any], work_dir: str | Path, report: Re
 
 
 def run_fewshot_trial(flat: Mapping[str, Any], report: Report, out_dir: str | Path) -> dict[str, Any]:
-    """Evaluate one backbone on the episodes; keys ``backbone.*``, ``eval.*`` (EvalConfig) and
-    ``trial.cache``/``trial.episodes``."""
+    """Evaluate one backbone on the episodes; keys ``backbone.*`` (BackboneSpec), ``eval.*``
+    (EvalConfig) and ``trial.cache``/``trial.episodes``; a ``case`` dict (one grid cell) is merged in."""
+    flat = {**{k: v for k, v in flat.items() if k != "case"}, **dict(flat.get("case") or {})}
+    flat.pop("label", None)
     backbone_keys = {k[9:]: v for k, v in flat.items() if k.startswith("backbone.")}
     eval_keys = {k[5:]: v for k, v in flat.items() if k.startswith("eval.")}
     cache = ImageCache.open(flat["trial.cache"])

@@ -96,3 +96,49 @@ def test_a_diverging_trial_ends_as_diverged_and_the_sweep_finishes(workdir, smok
     children = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("cxrtune.role") == "trial"]
     assert [c.data.tags["cxrtune.status"] for c in children] == ["diverged"]
     assert children[0].info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("script_name, method", [("barlow_lambda", "barlow"), ("spark_mask", "spark"),
+                                                 ("dino_temperature", "dino")])
+def test_every_method_sweep_runs_at_smoke_size(workdir, smoke_sweep, script_name, method):
+    from cxrtune.sweep.cli import main
+
+    script = _load_sweep_script(script_name)
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    code = main(script.SWEEP, ["--profile", "smoke", "--storage", str(workdir / "runs"), "--tracking-uri", uri,
+                               "--num-samples", "1"])
+    assert code == 0
+    config = json.loads((workdir / "runs" / script_name / "export" / "config.json").read_text())
+    assert config["method"] == method
+    for key, value in script.SWEEP.seed_point.items():  # the study's setting ran first
+        assert config[key] == pytest.approx(value)
+
+
+def test_compare_methods_evaluates_the_exported_best_against_random_init(workdir, smoke_sweep, capsys):
+    from cxrtune.sweep.fewshot import main
+
+    script = _load_sweep_script("compare_methods")
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    code = main(script.SWEEP, ["--profile", "smoke", "--storage", str(workdir / "runs"), "--tracking-uri", uri,
+                               "--from-sweeps", "moco_variance", "--baselines", "random"])
+    assert code == 0
+    import pandas as pd
+
+    table = pd.read_parquet(workdir / "runs" / "compare_methods" / "results.parquet")
+    assert set(table["backbone"]) == {"moco_variance", "random-resnet18"}
+    assert set(table["evaluator"]) == {"probe", "finetune"}
+    # every backbone saw the same episodes: the tables pair up row for row
+    keys = table.groupby(["backbone", "evaluator"]).apply(lambda g: tuple(sorted(zip(g.disease, g.shots, g.trial))))
+    assert keys.nunique() == 1
+    assert "paired over diseases vs random-resnet18" in capsys.readouterr().out
+
+
+def test_imagenet_baseline_without_local_weights_fails_with_the_file_to_fetch(workdir, smoke_sweep, capsys):
+    from cxrtune.sweep.fewshot import main
+
+    script = _load_sweep_script("fewshot_grid")
+    code = main(script.SWEEP, ["--profile", "smoke", "--storage", str(workdir / "runs"),
+                               "--from-sweeps", "moco_variance", "--baselines", "imagenet"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "resnet18" in err and "--imagenet-weights resnet18=PATH" in err and "download" in err

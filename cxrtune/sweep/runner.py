@@ -48,12 +48,16 @@ class SweepSpec:
     reduction_factor: int = 2
     time_budget_s: float | None = None
     tags: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: "optuna" (TPE over the space) or "grid" (every combination of tune.grid_search entries)
+    search: str = "optuna"
 
     def __post_init__(self) -> None:
         if not self.name or any(c in self.name for c in "/\\ "):
             raise ConfigError(f"SweepSpec.name = {self.name!r}: use a non-empty name without slashes or spaces")
         if self.mode not in ("min", "max"):
             raise ConfigError(f"SweepSpec.mode = {self.mode!r}: use 'min' or 'max'")
+        if self.search not in ("optuna", "grid"):
+            raise ConfigError(f"SweepSpec.search = {self.search!r}: use 'optuna' or 'grid'")
         if self.num_samples < 1:
             raise ConfigError(f"SweepSpec.num_samples = {self.num_samples}: use at least 1")
         if self.max_concurrent < 1:
@@ -117,12 +121,15 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, storage: str | os.PathLi
                 "or choose another --name"
             )
         folder.mkdir(parents=True, exist_ok=True)
-        searcher = ResumableOptunaSearch(
-            metric=spec.metric, mode=spec.mode,
-            points_to_evaluate=[dict(p) for p in spec.points_to_evaluate] or None,
-            sampler=optuna.samplers.TPESampler(seed=spec.seed),
-            study_name=spec.name, storage=optuna.storages.RDBStorage(study_url),
-        )
+        search_alg = None
+        if spec.search == "optuna":
+            searcher = ResumableOptunaSearch(
+                metric=spec.metric, mode=spec.mode,
+                points_to_evaluate=[dict(p) for p in spec.points_to_evaluate] or None,
+                sampler=optuna.samplers.TPESampler(seed=spec.seed),
+                study_name=spec.name, storage=optuna.storages.RDBStorage(study_url),
+            )
+            search_alg = ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent)
         scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=spec.max_t,
                                    grace_period=spec.grace_period, reduction_factor=spec.reduction_factor)
                      if spec.asha else None)
@@ -131,7 +138,8 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, storage: str | os.PathLi
             param_space=spec.param_space,
             tune_config=tune.TuneConfig(
                 metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
-                search_alg=ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent),
+                search_alg=search_alg,
+                max_concurrent_trials=None if search_alg is not None else spec.max_concurrent,
                 scheduler=scheduler, time_budget_s=spec.time_budget_s,
                 trial_dirname_creator=_trial_dirname,
             ),
@@ -143,5 +151,6 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, storage: str | os.PathLi
             ),
         )
     results = tuner.fit()
-    fail_stale_running_trials(study_url, spec.name)
+    if spec.search == "optuna":
+        fail_stale_running_trials(study_url, spec.name)
     return results

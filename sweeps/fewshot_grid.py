@@ -1,0 +1,17 @@
+"""Few-shot grid: given checkpoints plus ImageNet and random init, every evaluator across the full
+shot grid, each (backbone x evaluator) a small trial packed with fractional resources.
+
+    python sweeps/fewshot_grid.py --checkpoint runs/moco/export/... --gpu 0.25
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from cxrtune.sweep.fewshot import FewshotSweep, main
+
+SWEEP = FewshotSweep(name="fewshot_grid", evaluators=("probe",), description=__doc__)
+
+if __name__ == "__main__":
+    sys.exit(main(SWEEP))
