@@ -26,6 +26,10 @@ def synthetic_trainable(config):
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             start = json.loads((Path(d) / "state.json").read_text())["iteration"]
+    (markers / "nodes").mkdir(parents=True, exist_ok=True)
+    import ray
+
+    (markers / "nodes" / f"{trial_id}-{ray.get_runtime_context().get_node_id()}").touch()
     (markers / "starts").mkdir(parents=True, exist_ok=True)
     (markers / "starts" / f"{trial_id}-{start}").touch()
     x = config["x"]
@@ -52,16 +56,19 @@ def main():
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--sleep", type=float, default=0.5)
     parser.add_argument("--diverge-above", type=float, default=None)
+    parser.add_argument("--address", default=None)
+    parser.add_argument("--concurrent", type=int, default=2)
     args = parser.parse_args()
     spec = SweepSpec(
         name="synthetic",
         trainable=synthetic_trainable,
         param_space={"x": tune.uniform(0.0, 1.0), "markers": args.markers, "sleep": args.sleep,
                      "diverge_above": args.diverge_above},
-        metric="objective", mode="max", num_samples=args.samples, max_concurrent=2,
+        metric="objective", mode="max", num_samples=args.samples, max_concurrent=args.concurrent,
         points_to_evaluate=[{"x": 0.3}], seed=0, asha=False, max_t=ITERATIONS,
     )
-    results = run_sweep(spec, resume=args.resume, storage=args.storage, tracking_uri=args.uri, num_cpus=2)
+    results = run_sweep(spec, resume=args.resume, storage=args.storage, tracking_uri=args.uri,
+                        num_cpus=None if args.address else 2, address=args.address)
     ids = [r.metrics["trial_id"] for r in results]
     print("TRIALS", len(results), "ERRORS", results.num_errors, flush=True)
     print("IDS", json.dumps(ids), flush=True)

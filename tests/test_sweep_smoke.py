@@ -142,3 +142,13 @@ def test_imagenet_baseline_without_local_weights_fails_with_the_file_to_fetch(wo
     err = capsys.readouterr().err
     assert code == 2
     assert "resnet18" in err and "--imagenet-weights resnet18=PATH" in err and "download" in err
+
+
+def test_trial_runs_carry_config_results_and_a_training_plot(smoke_sweep):
+    folder, uri = smoke_sweep
+    client = mlflow.tracking.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("cxrtune/moco_variance")
+    child = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("cxrtune.role") == "trial"][0]
+    names = {a.path for a in client.list_artifacts(child.info.run_id)}
+    assert {"params.json", "result.json", "metrics.jsonl", "initial_probe_results.parquet", "plots"} <= names
+    assert [a.path for a in client.list_artifacts(child.info.run_id, "plots")] == ["plots/training_curves.png"]

@@ -77,10 +77,24 @@ class MlflowSweepCallback(LoggerCallback):
         run_id = self.tracker.child_run(trial.trial_id)
         trial_dir = Path(trial.local_path) if getattr(trial, "local_path", None) else None
         if trial_dir is not None and trial_dir.is_dir():
-            for name in ("params.json", "result.json", "results.parquet", "plots"):
-                if (trial_dir / name).exists():
-                    self.tracker.log_artifacts(run_id, trial_dir / name)
+            self._log_trial_files(run_id, trial_dir)
         self.tracker.end_trial(trial.trial_id, status)
+
+    def _log_trial_files(self, run_id: str, trial_dir: Path) -> None:
+        """The trial's config, results tables and a training-curve plot as run artifacts."""
+        for name in ("params.json", "result.json", "results.parquet", "work/run/metrics.jsonl",
+                     "work/initial_probe_results.parquet"):
+            if (trial_dir / name).is_file():
+                self.tracker.log_artifacts(run_id, trial_dir / name)
+        checkpoints = sorted(trial_dir.glob("checkpoint_*/probe_results.parquet"))
+        if checkpoints:
+            self.tracker.log_artifacts(run_id, checkpoints[-1], "last_checkpoint")
+        try:
+            plot = plot_trial(trial_dir)
+        except Exception:  # a plot must never fail a sweep
+            plot = None
+        if plot is not None:
+            self.tracker.log_artifacts(run_id, plot, "plots")
 
     def on_experiment_end(self, trials, **info) -> None:
         counts: dict[str, int] = {}
@@ -98,3 +112,37 @@ class MlflowSweepCallback(LoggerCallback):
         unfinished = any(t.status in ("PENDING", "RUNNING", "PAUSED") for t in trials)
         if not unfinished:
             self.tracker.end_sweep("FINISHED")
+
+
+def plot_trial(trial_dir: Path) -> Path | None:
+    """Per-epoch SSL loss, feature std and objective of one trial, as a PNG in the trial folder."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [json.loads(l) for l in (trial_dir / "result.json").read_text().splitlines() if l.strip()]
+    if not lines:
+        return None
+    epochs = [r.get("epoch", r.get("training_iteration")) for r in lines]
+    panels = [("ssl_loss", "SSL loss"), ("feature_std_batch", "feature std (train-mode BN)"),
+              ("effective_rank", "effective rank")]
+    objectives = sorted(k for k in lines[-1] if k.startswith("probe_auroc_") and k.endswith("shot"))
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4 * (len(panels) + 1), 3.2))
+    for ax, (key, title) in zip(axes, panels):
+        ax.plot(epochs, [r.get(key, float("nan")) for r in lines], marker="o")
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+    for key in objectives:
+        axes[-1].plot(epochs, [r.get(key, float("nan")) for r in lines], marker="o", label=key.replace("probe_auroc_", ""))
+    axes[-1].set_title("probe AUROC")
+    axes[-1].set_xlabel("epoch")
+    if objectives:
+        axes[-1].legend(title="shots")
+    fig.tight_layout()
+    out = trial_dir / "training_curves.png"
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
