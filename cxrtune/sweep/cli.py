@@ -103,6 +103,8 @@ def build_parser(sweep: PretrainSweep) -> argparse.ArgumentParser:
     parser.add_argument("--gpu", type=float, default=None, help="GPU share per trial (default: the profile's)")
     parser.add_argument("--cpus", type=int, default=None, help="CPUs Ray may use on this machine (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Optuna sampler")
+    parser.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                        help="stop starting trials after this many minutes (running ones are stopped too)")
     return parser
 
 
@@ -176,6 +178,7 @@ def run(sweep: PretrainSweep, args: argparse.Namespace) -> int:
         num_samples=args.num_samples or profile["num_samples"],
         max_concurrent=args.max_concurrent or profile["max_concurrent"], resources=resources,
         points_to_evaluate=[seed_point] if seed_point else [], seed=args.seed, asha=True,
+        time_budget_s=args.time_budget * 60 if args.time_budget else None,
         max_t=int(fixed["train.epochs"]), grace_period=min(profile["grace_period"], int(fixed["train.epochs"])),
         tags={"cxrtune.method": sweep.method, "cxrtune.profile": args.profile, "cxrtune.source": source.name},
     )
