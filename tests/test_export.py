@@ -76,3 +76,15 @@ def test_registering_sets_the_best_alias(sweep, tmp_path):
     out = export_best(sweep, "probe_auroc_20shot")
     version = register_in_mlflow(out, "cxr-moco", tracking_uri=uri)
     assert str(MlflowClient(uri).get_model_version_by_alias("cxr-moco", "best").version) == version
+
+
+def test_an_export_loads_back_as_a_cxrtune_backbone_with_the_same_features(sweep):
+    from cxrtune.models.backbone import load_backbone
+
+    out = export_best(sweep, "probe_auroc_20shot")
+    back = load_backbone(out / "backbone.pt", arch="resnet18").eval()
+    assert back.in_chans == 3
+    ours = build_backbone("resnet18", seed=202).eval()
+    grey = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(back(grey), ours(grey), atol=1e-4)  # grey is replicated to RGB

@@ -195,8 +195,22 @@ def save_backbone(backbone: Backbone, path: str | Path, meta: dict[str, Any] | N
     return path
 
 
+def _exported_payload(state: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Wrap a plain torchvision-key state_dict (what ``cxrtune export`` writes) as a payload.
+
+    The architecture follows from the keys (ResNet50's bottleneck blocks have ``conv3``); a
+    3-channel ``conv1`` is kept as the stock stem (grey is replicated to RGB at input).
+    """
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"checkpoint {path} is a dict but not a state_dict of tensors")
+    arch = "resnet50" if "layer1.0.conv3.weight" in state else "resnet18"
+    in_chans = int(state["conv1.weight"].shape[1])
+    return {"arch": arch, "in_chans": in_chans, "backbone": {k: v for k, v in state.items() if not k.startswith("fc.")}}
+
+
 def load_backbone(path: str | Path, arch: str | None = None) -> Backbone:
-    """Load a backbone saved by :func:`save_backbone` or embedded in a training checkpoint.
+    """Load a backbone saved by :func:`save_backbone`, embedded in a training checkpoint, or
+    exported by ``cxrtune export`` (a plain torchvision state_dict).
 
     A training checkpoint (see ``cxrtune.engine``) carries the backbone under the same keys.
     ``arch`` given and different from the file's raises :class:`CheckpointError`.
@@ -208,6 +222,8 @@ def load_backbone(path: str | Path, arch: str | None = None) -> Backbone:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file ({type(exc).__name__}: {exc})") from exc
+    if isinstance(payload, dict) and "conv1.weight" in payload and "backbone" not in payload:
+        payload = _exported_payload(payload, path)  # a `cxrtune export` state_dict
     if not isinstance(payload, dict) or "backbone" not in payload or "arch" not in payload:
         raise CheckpointError(
             f"checkpoint {path} is not a cxrtune checkpoint (no 'arch'/'backbone' entries); "
