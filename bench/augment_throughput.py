@@ -4,15 +4,18 @@ Both sides make two views per image from the same uint8 cache with the same reci
 MoCo recipe: random resized crop, flip, rotation +-10, brightness/contrast 0.8 with p 0.8,
 blur kernel 9 with p 0.5, normalisation, noise 0.1). The per-sample side is what a DataLoader
 worker does: torchvision transforms on a PIL image, one image at a time. Both run on one thread
-(``torch.set_num_threads(1)``), so the ratio is per core. Output: one line per side and the ratio.
+(``torch.set_num_threads(1)``), so the ratio is per core. The two sides alternate for
+``--rounds`` rounds, so that load from other processes hits both alike; each round gives a
+ratio, and the summary is the median round. Output: one line per round, the median, and JSON.
 
-    python bench/augment_throughput.py [--size 224] [--cache-size 256] [--images 256] [--batch 128]
+    python bench/augment_throughput.py [--size 224] [--cache-size 256] [--images 256] [--batch 128] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import numpy as np
@@ -62,20 +65,29 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of both sides")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.images, args.cache_size, args.cache_size), dtype=np.uint8)
     cfg = AugmentConfig()
     run_batched(images[: args.batch], args.size, cfg, args.batch)  # warm-up
-    per_sample = run_per_sample(images, args.size, cfg)
-    batched = run_batched(images, args.size, cfg, args.batch)
+    per_sample, batched = [], []
+    for round_ in range(args.rounds):
+        per_sample.append(run_per_sample(images, args.size, cfg))
+        batched.append(run_batched(images, args.size, cfg, args.batch))
+        print(f"round {round_ + 1}: per-sample {per_sample[-1]:7.1f}  batched {batched[-1]:7.1f} images/s"
+              f"  ratio {batched[-1] / per_sample[-1]:5.2f}x")
+    ratios = [b / p for b, p in zip(batched, per_sample)]
     result = {"threads": args.threads, "size": args.size, "cache_size": args.cache_size, "views": 2,
-              "per_sample_images_per_s": round(per_sample, 1), "batched_images_per_s": round(batched, 1),
-              "ratio": round(batched / per_sample, 2)}
-    print(f"per-sample torchvision on PIL : {per_sample:8.1f} images/s (2 views each, {args.threads} thread)")
-    print(f"batched on device (cxrtune)   : {batched:8.1f} images/s (2 views each, {args.threads} thread)")
-    print(f"ratio                         : {batched / per_sample:8.2f}x")
+              "rounds": args.rounds, "per_sample_images_per_s": round(statistics.median(per_sample), 1),
+              "batched_images_per_s": round(statistics.median(batched), 1),
+              "ratio": round(statistics.median(ratios), 2), "ratios": [round(r, 2) for r in ratios]}
+    print(f"per-sample torchvision on PIL : {result['per_sample_images_per_s']:8.1f} images/s "
+          f"(median, 2 views each, {args.threads} thread)")
+    print(f"batched on device (cxrtune)   : {result['batched_images_per_s']:8.1f} images/s "
+          f"(median, 2 views each, {args.threads} thread)")
+    print(f"ratio (median round)          : {result['ratio']:8.2f}x  (min {min(ratios):.2f}x, max {max(ratios):.2f}x)")
     print(json.dumps(result))
 
 

@@ -119,3 +119,74 @@ def test_sampling_grid_equals_affine_grid():
     theta = affine_matrices(sample_params(5, AugmentConfig(), torch.Generator().manual_seed(3)))
     want = F.affine_grid(theta, [5, 1, 12, 12], align_corners=False)
     assert torch.allclose(sampling_grid(theta, 12), want, atol=1e-6)
+
+
+def test_cpu_noise_is_a_gaussian_with_its_std_in_every_image():
+    from scipy import stats
+
+    from cxrtune.augment import gaussian_noise
+
+    noise = gaussian_noise((16, 1, 64, 64), 0.1, torch.Generator().manual_seed(0)).double()
+    per_image = noise.flatten(1)
+    assert torch.allclose(per_image.std(dim=1), torch.full((16,), 0.1, dtype=torch.float64), rtol=0.05)
+    assert per_image.mean(dim=1).abs().max() < 0.1 * 4 / 64  # 4 standard errors
+    z = (noise.flatten() / 0.1).numpy()
+    assert stats.kstest(z, "norm").pvalue > 0.01
+    assert stats.normaltest(z).pvalue > 0.01  # skewness and kurtosis of a normal
+    # Independent between neighbouring pixels and between images.
+    assert abs(torch.corrcoef(torch.stack([noise[..., 1:].flatten(), noise[..., :-1].flatten()]))[0, 1]) < 0.02
+    assert torch.corrcoef(per_image).fill_diagonal_(0).abs().max() < 0.06
+
+
+def test_normal_table_holds_each_slice_mean_of_the_normal():
+    from scipy import stats
+
+    from cxrtune.augment import normal_table
+
+    table = normal_table().double().numpy()
+    n = table.size
+    assert (table[1:] > table[:-1]).all() and abs(table.mean()) < 1e-7 and abs(table.var() - 1) < 1e-6
+    # Slice i is [ppf(i/n), ppf((i+1)/n)]; its mean, by the density, is n * (pdf(lo) - pdf(hi)).
+    for i in (0, 1, 1000, n // 2 - 1, n // 2, 50000, n - 1):
+        lo, hi = stats.norm.ppf(i / n), stats.norm.ppf((i + 1) / n)
+        assert lo <= table[i] <= hi or (abs(table[i]) > 4 and lo <= table[i] * (1 - 1e-4) <= hi), i
+        assert table[i] == pytest.approx(n * (stats.norm.pdf(lo) - stats.norm.pdf(hi)), rel=1e-4, abs=1e-6)
+
+
+def test_noise_goes_only_to_the_images_drawn_for_it():
+    images = _images(n=6, size=32)
+    p = sample_params(6, AugmentConfig(), torch.Generator().manual_seed(2))
+    p.noise = torch.tensor([True, False, True, False, False, True])
+    noisy = apply_params(images, p, 24, AugmentConfig(noise_std=0.2), torch.Generator().manual_seed(0))
+    clean = apply_params(images, p, 24, NO_NOISE)
+    assert torch.equal(noisy[~p.noise], clean[~p.noise])
+    assert (noisy - clean)[p.noise].std().item() == pytest.approx(0.2, rel=0.1)
+    # Each image gets its own noise, also within one chunk.
+    same = ViewParams.identity(6)
+    same.noise = torch.ones(6, dtype=torch.bool)
+    repeated = images[:1].repeat(6, 1, 1)
+    added = (apply_params(repeated, same, 32, AugmentConfig(), torch.Generator().manual_seed(1))
+             - apply_params(repeated, same, 32, NO_NOISE)).flatten(1)
+    assert torch.corrcoef(added).fill_diagonal_(0).abs().max() < 0.1
+
+
+def test_views_do_not_depend_on_chunking_or_on_the_other_images():
+    # On CPU the blurred images of a batch are processed first: the order must not leak into results.
+    images = _images(n=11, size=32, seed=4)
+    p = sample_params(11, AugmentConfig(), torch.Generator().manual_seed(6))
+    assert 0 < (p.blur_sigma > 0).sum() < 11
+    whole = apply_params(images, p, 24, NO_NOISE)
+    for chunk in (1, 3, 8, 64):
+        assert torch.allclose(apply_params(images, p, 24, NO_NOISE, chunk=chunk), whole, atol=1e-6), chunk
+    for i in range(11):
+        alone = ViewParams(**{k: v[i:i + 1] for k, v in vars(p).items()})
+        assert torch.allclose(apply_params(images[i:i + 1], alone, 24, NO_NOISE), whole[i:i + 1], atol=1e-6), i
+
+
+def test_blur_matches_torchvision_on_non_square_images():
+    x = torch.rand(4, 1, 12, 20, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.7, 0.0, 1.9, 1.2])
+    out = blur(x, sigma, 9)
+    for i in range(4):
+        want = TF.gaussian_blur(x[i], [9, 9], [sigma[i].item()] * 2) if sigma[i] > 0 else x[i]
+        assert torch.allclose(out[i], want, atol=1e-6), i
