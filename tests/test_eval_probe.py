@@ -105,3 +105,46 @@ def test_probe_refuses_nan_features_and_tasks_without_test_positives(grid):
         fit_probes(features, bad, row_of_id)
     with pytest.raises(DataError, match="no extracted feature row"):
         fit_probes(features, episodes.head(1), {})
+
+
+def test_kernel_solver_matches_sklearn_from_inner_products_alone():
+    """Several Cs per sample set, padding, singular Gram (duplicate rows, more rows than dims)."""
+    from cxrtune.evaluate.probe import solve_kernel_logistic
+
+    rng = np.random.default_rng(1)
+    Cs = [0.01, 1.0, 100.0]
+    sets, expected = [], []
+    for n in (9, 14):
+        x = rng.normal(size=(n, 6))
+        x[1] = x[0]  # duplicate row: the Gram matrix is singular
+        y = (x[:, 0] + rng.normal(size=n) > 0).astype(int)
+        y[:3] = (0, 0, 1)
+        sets.append((x, y))
+        expected.append([np.r_[m.coef_.ravel(), m.intercept_] for m in
+                         (LogisticRegression(C=C, tol=1e-12, max_iter=10_000).fit(x, y) for C in Cs)])
+    N = max(len(y) for _, y in sets)
+    gram = torch.zeros(len(sets), N, N, dtype=torch.float64)
+    labels = torch.zeros(len(sets), N, dtype=torch.long)
+    weights = torch.zeros(len(sets), N, dtype=torch.float64)
+    for q, (x, y) in enumerate(sets):
+        gram[q, : len(y), : len(y)] = torch.from_numpy(x @ x.T)
+        labels[q, : len(y)] = torch.from_numpy(y)
+        weights[q, : len(y)] = 1
+    # tol tighter than the default: at C = 0.01 the loss is so flat in the intercept that the default
+    # stop (half squared Newton decrement <= 1e-10) allows ~1e-4 of intercept error
+    alpha, bias, iterations = solve_kernel_logistic(gram, labels, weights, torch.tensor([Cs, Cs], dtype=torch.float64),
+                                                    tol=1e-14)
+    for q, (x, y) in enumerate(sets):
+        for k in range(len(Cs)):
+            w = x.T @ alpha[q, k, : len(y)].numpy()
+            np.testing.assert_allclose(np.r_[w, float(bias[q, k])], expected[q][k], rtol=1e-5, atol=1e-6)
+        assert float(alpha[q, :, len(y):].abs().sum()) == 0.0  # padding stays out of the solution
+    assert int(iterations.max()) < 50
+
+
+def test_probe_results_do_not_depend_on_chunking(grid):
+    episodes, features, x, row_of_id = grid
+    reference = fit_probes(features, episodes, row_of_id, ProbeConfig())
+    other = fit_probes(features, episodes, row_of_id, ProbeConfig(chunk=7))
+    assert other["C"].tolist() == reference["C"].tolist()
+    np.testing.assert_allclose(other["auroc"], reference["auroc"], atol=1e-9)

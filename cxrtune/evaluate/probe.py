@@ -19,16 +19,22 @@ AUROC are identical (``tests/test_eval_probe.py``).
 
 Why it is fast:
 
-* **Span coordinates.** The optimal ``w`` lies in the span of the training rows, so each problem
-  is rewritten exactly in that span from inner products alone: with the Cholesky factor
-  ``X X^T = L L^T`` the rows of ``L`` have the inner products of the rows of ``X``. A 2048-d
-  problem with ``2n`` samples becomes a ``2n``-d one; each cross-validation fold gets the span of
-  its own rows from the episode's Gram matrix, so the 2048-d features are touched once per episode.
+* **Inner products only.** The optimal ``w`` lies in the span of the training rows, ``w = X^T alpha``,
+  so each problem is solved exactly in the coefficients ``alpha`` from the training rows' Gram
+  matrix ``G`` (margins ``G alpha``, penalty ``alpha^T G alpha``); a 2048-d problem with ``2n``
+  samples becomes a ``2n``-d one. The 2048-d features are touched once per episode (training and
+  test rows' inner products, gathered a few episodes at a time); each cross-validation fold takes
+  its block of the episode's ``G``, and held-out or test decisions are inner products times ``alpha``.
 * **Batched Newton in sample space.** All (episode x fold x C) problems of one training size are
   stacked, padded with zero-weight samples, and solved by Newton's method, the system solved
-  through the Woodbury identity (one N x N Cholesky per iteration, no r x r Hessian) with the
-  unpenalised intercept eliminated by its Schur complement, and a batched backtracking line search;
-  float64 throughout, until the Newton decrement vanishes; converged problems leave the batch.
+  through the Woodbury identity (one N x N Cholesky of ``I + S G S`` per unconverged problem and
+  iteration, which needs no jitter even for duplicate rows) with the unpenalised intercept
+  eliminated by its Schur complement, and a batched backtracking line search; float64 throughout,
+  until the Newton decrement vanishes. Products with ``G`` are shared by a fold's five Cs (one
+  batched product with five columns); converged problems leave the factorisation at once; the
+  factorisation that would only confirm convergence after a full step from the quadratic zone is
+  skipped; solves use one right-hand side per call (CPU batched triangular solves with two run
+  ~10x slower).
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from cxrtune.errors import ConfigError, DataError, TaskError
 from cxrtune.evaluate.metrics import batched_accuracy, batched_auroc, batched_f1
 
 DEFAULT_CS = (0.01, 0.1, 1.0, 10.0, 100.0)
+_GATHER_BLOCK_ELEMENTS = 2 ** 21  # feature values gathered at once (16 MB in float64)
 _LINE_SEARCH_STEPS = torch.tensor([0.5 ** k for k in range(12)], dtype=torch.float64)
 
 
@@ -59,7 +66,7 @@ class ProbeConfig(Config):
     one_shot_C: float = param(1.0, low=0, low_open=True, doc="C at one shot, where no fold split exists")
     max_iter: int = param(50, low=1, high=10_000, doc="Newton iterations per problem at most")
     tol: float = param(1e-10, low=0, low_open=True, doc="stop when half the squared Newton decrement is below")
-    chunk: int = param(512, low=1, doc="problems solved per batch (bounds memory)")
+    chunk: int = param(256, low=1, doc="problems solved per batch (bounds memory; 256 keeps their systems in cache)")
     device: str = param("cpu", doc="torch device for the solver: cpu, cuda, cuda:1 or auto")
 
     def validate(self) -> None:
@@ -90,7 +97,8 @@ def solve_logistic(features: torch.Tensor, labels: torch.Tensor, weights: torch.
     The Newton system is solved in sample space: with ``D`` the weighted curvatures and
     ``S = D^{1/2}``, ``(I + F^T D F)^{-1} = I - F^T S (I + S F F^T S)^{-1} S F`` (Woodbury), so an
     iteration costs one N x N Cholesky on ``F F^T`` (computed once) scaled by ``S``, instead of
-    forming an r x r Hessian; the intercept is eliminated by its Schur complement.
+    forming an r x r Hessian; the intercept is eliminated by its Schur complement. (``fit_probes``
+    uses ``solve_kernel_logistic``, which needs only inner products; this form takes feature rows.)
     """
     P, N, r = features.shape
     dtype, device = features.dtype, features.device
@@ -161,31 +169,116 @@ def solve_logistic(features: torch.Tensor, labels: torch.Tensor, weights: torch.
     return theta, iterations
 
 
+def solve_kernel_logistic(gram: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, C: torch.Tensor,
+                          max_iter: int = 50, tol: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Solve Q x K L2-penalised logistic regressions from inner products alone, by Newton's method.
+
+    ``gram`` (Q, N, N) holds the inner products of each problem set's samples (zero rows and
+    columns for padding), ``labels`` (Q, N) in {0, 1}, ``weights`` (Q, N) sample weights (0 for
+    padding), ``C`` (Q, K): K regularisation strengths per sample set. With ``w = sum_j alpha_j x_j``
+    (the optimum lies in the span of the samples) this minimises ``0.5 ||w||^2 + C sum_i weights_i
+    log(1 + exp(-s_i (x_i.w + b)))``, ``s_i = 2 y_i - 1``, intercept ``b`` unpenalised. Returns
+    ``alpha`` (Q, K, N), ``b`` (Q, K) and the Newton iterations each problem used (Q, K); the
+    decision on a row ``z`` is ``(z . x_j) alpha_j + b``.
+
+    The iterates are exactly those of Newton's method on ``w`` (only their coordinates differ):
+    with curvatures ``D``, ``S = D^{1/2}`` and the samples as rows of ``X``, Woodbury gives
+    ``(I + X^T D X)^{-1} X^T v = X^T (v - S (I + S G S)^{-1} S G v)``, so an iteration costs one
+    N x N Cholesky per unconverged problem, and every product with ``G`` is shared by the K
+    problems of a sample set (one batched matrix product with K columns). ``I + S G S >= I`` needs
+    no jitter even when ``G`` is singular. The intercept is eliminated by its Schur complement.
+    """
+    Q, N, _ = gram.shape
+    K = C.shape[1]
+    P = Q * K
+    dtype, device = gram.dtype, gram.device
+    s = (labels.to(dtype) * 2 - 1).repeat_interleave(K, 0)  # (P, N), problem p = q * K + k
+    m = weights.to(dtype).repeat_interleave(K, 0)
+    c = C.to(dtype).reshape(P, 1)
+    owner = torch.arange(Q, device=device).repeat_interleave(K)
+    alpha = torch.zeros(P, N, dtype=dtype, device=device)
+    u = torch.zeros(P, N, dtype=dtype, device=device)  # G alpha, updated alongside alpha
+    b = torch.zeros(P, dtype=dtype, device=device)
+    done = torch.zeros(P, dtype=torch.bool, device=device)
+    iterations = torch.zeros(P, dtype=torch.long, device=device)
+    steps = _LINE_SEARCH_STEPS.to(device=device, dtype=dtype)
+    eye = torch.eye(N, dtype=dtype, device=device)
+    quadratic_zone = tol ** 0.5 / 10
+
+    def times_gram(vectors: torch.Tensor) -> torch.Tensor:
+        """G v for (P, J, N) vectors: one (Q, N, N) x (Q, N, K * J) product."""
+        J = vectors.shape[1]
+        stacked = vectors.reshape(Q, K * J, N).transpose(1, 2)
+        return torch.bmm(gram, stacked).transpose(1, 2).reshape(P, J, N)
+
+    for _ in range(max_iter):
+        margins = s * (u + b[:, None])
+        sig = torch.sigmoid(-margins)  # 1 - p(correct class)
+        residual = c * m * s * sig
+        curvature = c * m * sig * (1 - sig)
+        v = alpha - residual  # the gradient in w is X^T v
+        grad_b = -residual.sum(1)
+        g_vd = times_gram(torch.stack([v, curvature], 1))  # (P, 2, N): G v, G d
+        active = torch.nonzero(~done).flatten()
+        root = curvature[active].sqrt()
+        system = gram[owner[active]]
+        system *= root[:, :, None] * root[:, None, :]
+        system.diagonal(dim1=1, dim2=2).add_(1.0)  # I + S G S
+        chol, info = torch.linalg.cholesky_ex(system)
+        if bool((info != 0).any()):
+            chol, _ = torch.linalg.cholesky_ex(system + 1e-6 * eye)
+        rhs = root[:, None, :] * g_vd[active]  # (A, 2, N): S G v, S G d
+        # one right-hand side per call: on CPU, batched triangular solves with several right-hand
+        # sides run ~10x slower than the same solves one column at a time
+        solved = torch.stack([torch.cholesky_solve(rhs[:, j, :, None], chol)[..., 0] for j in range(2)], 2)
+        scaled = torch.zeros(P, N, 2, dtype=dtype, device=device)
+        scaled[active] = root[:, :, None] * solved  # S (I + S G S)^{-1} S G [v, d]
+        g_scaled = times_gram(scaled.transpose(1, 2))
+        a_v = v - scaled[..., 0]  # H^{-1} X^T v = X^T a_v
+        a_d = curvature - scaled[..., 1]  # H^{-1} X^T D 1 = X^T a_d
+        g_a_v = g_vd[:, 0] - g_scaled[:, 0]
+        g_a_d = g_vd[:, 1] - g_scaled[:, 1]
+        g_d = g_vd[:, 1]
+        schur = (curvature.sum(1) - (g_d * a_d).sum(1)).clamp(min=1e-300)
+        db = (-grad_b + (g_d * a_v).sum(1)) / schur
+        d_alpha = -a_v - a_d * db[:, None]
+        g_d_alpha = -g_a_v - g_a_d * db[:, None]
+        decrement = -((g_vd[:, 0] * d_alpha).sum(1) + grad_b * db)  # Newton decrement squared
+        done = done | (decrement / 2 <= tol) | (decrement <= 0)
+        if bool(done.all()):
+            break
+        iterations += (~done).long()
+        # Backtracking (Armijo) over a fixed ladder of steps for the unconverged problems at once:
+        # margins are affine in the step, so each trial loss costs O(N).
+        live = torch.nonzero(~done).flatten()
+        mg, ml, cl, dl = margins[live], m[live], c[live], decrement[live]
+        along = s[live] * (g_d_alpha[live] + db[live, None])
+        ww = (alpha[live] * u[live]).sum(1)
+        wd = (alpha[live] * g_d_alpha[live]).sum(1)
+        dd = (d_alpha[live] * g_d_alpha[live]).sum(1)
+        f0 = 0.5 * ww + cl[:, 0] * (ml * torch.nn.functional.softplus(-mg)).sum(1)
+        trial_margins = mg[:, None, :] + steps[None, :, None] * along[:, None, :]
+        trial_w2 = ww[:, None] + 2 * steps[None, :] * wd[:, None] + steps[None, :] ** 2 * dd[:, None]
+        f_trial = 0.5 * trial_w2 + cl * (ml[:, None, :] * torch.nn.functional.softplus(-trial_margins)).sum(2)
+        ok = f_trial <= f0[:, None] - 1e-4 * steps[None, :] * dl[:, None]
+        first_ok = torch.where(ok.any(1), ok.to(torch.int8).argmax(1),
+                               torch.full_like(live, steps.numel() - 1))
+        step = steps[first_ok]
+        alpha[live] += step[:, None] * d_alpha[live]
+        u[live] += step[:, None] * g_d_alpha[live]
+        b[live] += step * db[live]
+        # Newton converges quadratically here: after a full step from a decrement of at most
+        # sqrt(tol) / 10 the next one is far below tol (it is ~ its square), so the
+        # factorisation that would only confirm convergence is skipped.
+        done[live[(step == 1) & (dl / 2 <= quadratic_zone)]] = True
+        if bool(done.all()):
+            break
+    return alpha.reshape(Q, K, N), b.reshape(Q, K), iterations.reshape(Q, K)
+
+
 # -------------------------------------------------------------------------------------------
 # Episodes -> problems
 # -------------------------------------------------------------------------------------------
-
-
-def span_coordinates(gram: torch.Tensor, cross: torch.Tensor, jitter: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor]:
-    """Coordinates of training rows in their own span, from inner products only.
-
-    ``gram`` (Q, A, A) holds the inner products of each problem's training rows (zero rows and
-    columns for padding), ``cross`` (Q, B, A) those of other rows with them. With the Cholesky
-    factor ``gram + jitter * I = L L^T``, the rows of ``L`` reproduce the training inner products
-    and ``cross L^{-T}`` are the other rows' coordinates in the same basis. The jitter (relative
-    to the mean squared norm) only makes padded or duplicate rows factorisable; it perturbs inner
-    products by ~1e-10, far below the solver tolerance. (A batched Cholesky is ~100x faster than
-    the batched eigendecomposition that would avoid the jitter.)
-    """
-    A = gram.shape[-1]
-    scale = torch.diagonal(gram, dim1=1, dim2=2).mean(1).clamp(min=1e-300)
-    eye = torch.eye(A, dtype=gram.dtype, device=gram.device)
-    chol, info = torch.linalg.cholesky_ex(gram + (jitter * scale)[:, None, None] * eye)
-    if bool((info != 0).any()):  # numerically indefinite: a larger jitter for those problems
-        bad = info != 0
-        chol[bad], _ = torch.linalg.cholesky_ex(gram[bad] + (1e-7 * scale[bad])[:, None, None] * eye)
-    other = torch.linalg.solve_triangular(chol, cross.transpose(1, 2), upper=False).transpose(1, 2)
-    return chol, other
 
 
 def normalize_features(features: np.ndarray | torch.Tensor, what: str = "features") -> torch.Tensor:
@@ -267,10 +360,17 @@ def _fit_group(x: torch.Tensor, group: Sequence[tuple], config: ProbeConfig, dev
         test_idx[e, : len(g[2])] = torch.as_tensor(g[2])
         y_test[e, : len(g[3])] = torch.as_tensor(g[3])
         test_mask[e, : len(g[2])] = True
-    train_x = x[train_idx]
-    test_x = x[test_idx]  # padded entries point at row 0; the metrics mask them out
-    gram = train_x @ train_x.transpose(1, 2)  # (G, T, T): all later work needs only inner products
-    cross = test_x @ train_x.transpose(1, 2)  # (G, M, T)
+    # All later work needs only inner products: of training rows with each other, (G, T, T), and
+    # of test rows with training rows, (G, M, T); padded test entries point at row 0 and the
+    # metrics mask them out. Rows are gathered a few episodes at a time: one gather of every
+    # episode's rows would write hundreds of MB of fresh memory and cost more than the products.
+    rows = torch.cat([train_idx, test_idx], 1)
+    products = torch.empty(G, T + M, T, dtype=x.dtype, device=device)
+    per_block = max(1, _GATHER_BLOCK_ELEMENTS // ((T + M) * x.shape[1]))
+    for start in range(0, G, per_block):
+        block = x[rows[start: start + per_block]]
+        torch.bmm(block, block[:, :T].transpose(1, 2), out=products[start: start + per_block])
+    gram, cross = products[:, :T].contiguous(), products[:, T:]
 
     Cs = torch.tensor(config.Cs, dtype=torch.float64, device=device)
     n_C = len(config.Cs)
@@ -304,16 +404,13 @@ def _fit_group(x: torch.Tensor, group: Sequence[tuple], config: ProbeConfig, dev
         eq = fold_episode[:, None, None]
         fit_gram = gram[eq, fit_idx[:, :, None], fit_idx[:, None, :]] * (fit_valid[:, :, None] & fit_valid[:, None, :])
         held_cross = gram[eq, held_idx[:, :, None], fit_idx[:, None, :]] * (held_valid[:, :, None] & fit_valid[:, None, :])
-        fit_coords, held_coords = span_coordinates(fit_gram, held_cross)
         fit_labels = y_train[fold_episode[:, None], fit_idx]
         held_labels = y_train[fold_episode[:, None], held_idx]
-        theta = _solve_chunked(
-            fit_coords.repeat_interleave(n_C, 0), fit_labels.repeat_interleave(n_C, 0),
-            fit_valid.to(torch.float64).repeat_interleave(n_C, 0), Cs.repeat(Q), config,
-        )
-        decision = torch.bmm(held_coords.repeat_interleave(n_C, 0), theta[:, :-1, None]).squeeze(-1) + theta[:, -1:]
-        fold_accuracy = batched_accuracy(decision > 0, held_labels.repeat_interleave(n_C, 0),
-                                         held_valid.repeat_interleave(n_C, 0))
+        alpha, bias = _solve_kernel_chunked(fit_gram, fit_labels, fit_valid.to(torch.float64),
+                                            Cs.expand(Q, n_C), config)
+        decision = torch.bmm(held_cross, alpha.transpose(1, 2)) + bias[:, None, :]  # (Q, B, n_C)
+        fold_accuracy = batched_accuracy(decision.transpose(1, 2).reshape(Q * n_C, B) > 0,
+                                         held_labels.repeat_interleave(n_C, 0), held_valid.repeat_interleave(n_C, 0))
         # sum of fold accuracies per (episode, C), as LogisticRegressionCV sums its fold scores
         totals = torch.zeros(G, n_C, dtype=torch.float64, device=device)
         totals.index_put_((fold_episode.repeat_interleave(n_C), torch.arange(n_C, device=device).repeat(Q)),
@@ -324,9 +421,9 @@ def _fit_group(x: torch.Tensor, group: Sequence[tuple], config: ProbeConfig, dev
         has_cv[fold_episode] = True
         chosen_C = torch.where(has_cv, Cs[best], chosen_C)
     # -- refit on the whole training set and score the test set -------------------------------
-    coords, test_coords = span_coordinates(gram, cross)
-    theta = _solve_chunked(coords, y_train, torch.ones(G, T, dtype=torch.float64, device=device), chosen_C, config)
-    decision = torch.bmm(test_coords, theta[:, :-1, None]).squeeze(-1) + theta[:, -1:]
+    alpha, bias = _solve_kernel_chunked(gram, y_train, torch.ones(G, T, dtype=torch.float64, device=device),
+                                        chosen_C[:, None], config)
+    decision = torch.bmm(cross, alpha[:, 0, :, None]).squeeze(-1) + bias
     auc = batched_auroc(decision, y_test, test_mask)
     acc = batched_accuracy(decision > 0, y_test, test_mask)
     f1 = batched_f1(decision > 0, y_test, test_mask)
@@ -336,11 +433,14 @@ def _fit_group(x: torch.Tensor, group: Sequence[tuple], config: ProbeConfig, dev
     ]
 
 
-def _solve_chunked(features, labels, sample_weights, C, config: ProbeConfig) -> torch.Tensor:
-    thetas = []
-    for start in range(0, len(features), config.chunk):
-        sl = slice(start, start + config.chunk)
-        theta, _ = solve_logistic(features[sl], labels[sl], sample_weights[sl], C[sl],
-                                  max_iter=config.max_iter, tol=config.tol)
-        thetas.append(theta)
-    return torch.cat(thetas)
+def _solve_kernel_chunked(gram, labels, sample_weights, C, config: ProbeConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """``solve_kernel_logistic`` over sample sets in chunks of about ``config.chunk`` problems."""
+    per_chunk = max(1, config.chunk // C.shape[1])
+    alphas, biases = [], []
+    for start in range(0, len(gram), per_chunk):
+        sl = slice(start, start + per_chunk)
+        alpha, bias, _ = solve_kernel_logistic(gram[sl], labels[sl], sample_weights[sl], C[sl],
+                                               max_iter=config.max_iter, tol=config.tol)
+        alphas.append(alpha)
+        biases.append(bias)
+    return torch.cat(alphas), torch.cat(biases)
