@@ -35,7 +35,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "overrides": {"train.epochs": 2, "train.checkpoint_every": 1, "train.batch_size": 16},
         "phantom": {"n_pretrain": 192, "studies_per_patient": 4, "train_pos": 20, "val_pos": 4,
                     "train_neg": 40, "val_neg": 30, "fewshot_studies": 1},
-        "shots": (5, 20), "trials": 2, "probe_input_size": 32, "grace_period": 1, "resources": {"cpu": 1},
+        # grace period = epochs: ASHA never stops a smoke trial, so a smoke run is deterministic
+        "shots": (5, 20), "trials": 2, "probe_input_size": 32, "grace_period": 2, "resources": {"cpu": 1},
         "note": "a plumbing check: two tiny trials of two epochs; its AUROCs mean nothing",
     },
     "default": {
