@@ -32,7 +32,8 @@ from cxrtune.errors import CxrtuneError
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": {
         "engine": "smoke", "num_samples": 2, "max_concurrent": 2, "cache_size": 32,
-        "overrides": {"train.epochs": 2, "train.checkpoint_every": 1, "train.batch_size": 16},
+        "overrides": {"train.epochs": 2, "train.checkpoint_every": 1, "train.batch_size": 16,
+                      "train.keep_checkpoints": 1},
         "phantom": {"n_pretrain": 192, "studies_per_patient": 4, "train_pos": 20, "val_pos": 4,
                     "train_neg": 40, "val_neg": 30, "fewshot_studies": 1},
         # grace period = epochs: ASHA never stops a smoke trial, so a smoke run is deterministic
@@ -42,7 +43,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "default": {
         "engine": "cpu", "num_samples": 4, "max_concurrent": 2, "cache_size": 64,
         "overrides": {"train.epochs": 3, "train.checkpoint_every": 1, "train.time_limit_minutes": 3.0,
-                      "optim.warmup_epochs": 1, "moco.queue_size": 1024},
+                      "train.keep_checkpoints": 1, "optim.warmup_epochs": 1, "moco.queue_size": 1024},
         "phantom": {"n_pretrain": 2048, "train_pos": 40, "val_pos": 20, "train_neg": 400, "val_neg": 200},
         "shots": (5, 20), "trials": 3, "probe_input_size": 64, "grace_period": 1, "resources": {"cpu": 1},
         "note": ("minutes of CPU pretraining learn little: this run shows the whole workflow (search, "
