@@ -34,6 +34,7 @@ import torch
 from cxrtune.config import Config, param
 from cxrtune.data.cache import ImageCache
 from cxrtune.data.tasks import load_episodes
+from cxrtune.device import resolve_device
 from cxrtune.engine import PretrainConfig, pretrain
 from cxrtune.engine.checkpoint import checkpoint_path, load_checkpoint
 from cxrtune.errors import ConfigError, DivergenceError
@@ -122,9 +123,7 @@ class ProbeJudge:
 
 
 def _device(config: PretrainConfig) -> str:
-    if config.train.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return config.train.device
+    return str(resolve_device(config.train.device, "train.device"))
 
 
 def _write_checkpoint_dir(folder: Path, engine_checkpoint: Path, backbone: Backbone, results: pd.DataFrame,

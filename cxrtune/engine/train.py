@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from cxrtune.augment import BatchAugment
+from cxrtune.device import resolve_device
 from cxrtune.engine.checkpoint import (FORMAT, checkpoint_path, latest_checkpoint, list_checkpoints,
                                        load_checkpoint, save_checkpoint)
 from cxrtune.engine.config import PretrainConfig
@@ -55,18 +56,6 @@ class PretrainResult:
 
 
 # -- set-up -----------------------------------------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"train.device = {name!r} is not a device: use auto, cpu, cuda or cuda:N") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device = {name!r} but CUDA is not available here: use cpu or auto")
-    return device
-
-
 def _as_config(config: PretrainConfig | Mapping[str, Any]) -> PretrainConfig:
     if isinstance(config, PretrainConfig):
         return config
@@ -204,7 +193,7 @@ def pretrain(config: PretrainConfig | Mapping[str, Any], images: np.ndarray, run
     rows = _check_images(images, rows, t.batch_size)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(t.device)
+    device = resolve_device(t.device, "train.device")
     use_bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
     if use_bf16 and device.type != "cuda":
         raise ConfigError("train.precision = 'bf16' is supported on CUDA only here: use auto or fp32 on CPU")

@@ -27,6 +27,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from cxrtune.device import resolve_device
+
 from cxrtune.config import Config, param
 from cxrtune.data.cache import cache_root  # $CXRTUNE_CACHE or ~/.cache/cxrtune
 from cxrtune.errors import DataError
@@ -141,10 +143,6 @@ class ExtractConfig(Config):
     precision: str = param("fp32", choices=("fp32", "bf16"), doc="bf16 autocast on CUDA; fp32 everywhere else")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 @torch.inference_mode()

@@ -30,7 +30,8 @@ from torch import nn
 
 from cxrtune.config import Config, param
 from cxrtune.evaluate.augment import AugmentConfig, augment
-from cxrtune.evaluate.features import image_array, resolve_device
+from cxrtune.device import resolve_device
+from cxrtune.evaluate.features import image_array
 from cxrtune.evaluate.metrics import accuracy, auroc, f1
 from cxrtune.evaluate.preprocess import PreprocessConfig, preprocess
 from cxrtune.evaluate.probe import _episode_arrays

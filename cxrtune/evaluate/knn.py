@@ -17,7 +17,8 @@ import torch
 
 from cxrtune.config import Config, param
 from cxrtune.evaluate.metrics import batched_accuracy, batched_auroc, batched_f1
-from cxrtune.evaluate.probe import _episode_arrays, normalize_features, resolve_device
+from cxrtune.device import resolve_device
+from cxrtune.evaluate.probe import _episode_arrays, normalize_features
 
 
 @dataclasses.dataclass

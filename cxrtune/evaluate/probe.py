@@ -45,6 +45,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
+
+from cxrtune.device import resolve_device
 from sklearn.model_selection import StratifiedKFold
 
 from cxrtune.config import Config, param
@@ -74,10 +76,6 @@ class ProbeConfig(Config):
             raise ConfigError("ProbeConfig.Cs = () is empty: give at least one C, e.g. [0.01, 0.1, 1, 10, 100]")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 # -------------------------------------------------------------------------------------------

