@@ -38,12 +38,12 @@ from cxrtune.device import resolve_device
 from cxrtune.engine import PretrainConfig, pretrain
 from cxrtune.engine.checkpoint import checkpoint_path, load_checkpoint
 from cxrtune.errors import ConfigError, DivergenceError
-from cxrtune.evaluate.features import BackboneSpec, ExtractConfig, extract_features
+from cxrtune.evaluate.features import BackboneSpec, ExtractConfig, cached_features, extract_features
 from cxrtune.evaluate.preprocess import PreprocessConfig
 from cxrtune.evaluate.probe import ProbeConfig, fit_probes
 from cxrtune.evaluate.run import EvalConfig, run_evaluation
 from cxrtune.health import HealthConfig, collapse_reason
-from cxrtune.models.backbone import Backbone, build_backbone, load_backbone, save_backbone
+from cxrtune.models.backbone import Backbone, load_backbone, save_backbone
 
 Report = Callable[[dict[str, Any], Path | None], None]
 ENGINE_CHECKPOINT = "checkpoint.pt"
@@ -116,6 +116,20 @@ class ProbeJudge:
     def __call__(self, backbone: Backbone) -> tuple[dict[str, float], pd.DataFrame]:
         features = extract_features(backbone, self.cache.images, self.rows, self.preprocessing, self.extraction,
                                     what="trial backbone")
+        return self._score(features)
+
+    def initial(self, config: PretrainConfig) -> tuple[dict[str, float], pd.DataFrame]:
+        """Score the backbone the engine starts from. Every trial of a sweep with the same seed and
+        init starts from the same weights, so its features come from the on-disk feature cache
+        after the first trial has extracted them."""
+        model = config.model
+        spec = BackboneSpec(init=model.init, arch=model.arch, weights=model.weights, seed=config.train.seed,
+                            in_chans=model.in_chans)
+        unique, features, _ = cached_features(spec, self.cache, self.rows, self.preprocessing, self.extraction)
+        position = {int(r): i for i, r in enumerate(unique)}
+        return self._score(features[[position[int(r)] for r in self.rows]])
+
+    def _score(self, features: np.ndarray) -> tuple[dict[str, float], pd.DataFrame]:
         table = fit_probes(features, self.episodes, self.local, ProbeConfig())
         per_shots = table.groupby(["shots", "disease"])["auroc"].mean().groupby("shots").mean()
         metrics = {f"probe_auroc_{int(s)}shot": float(v) for s, v in per_shots.items()}
@@ -162,10 +176,7 @@ def run_pretrain_trial(flat: Mapping[str, Any], work_dir: str | Path, report: Re
     if restore_from is not None:
         state = restore_into(run_dir, Path(restore_from))
     if "objective" not in state:
-        # The backbone the engine starts from: same seed, same construction.
-        torch.manual_seed(config.train.seed)
-        initial = build_backbone(config.model.arch, config.model.init, config.model.weights, config.model.in_chans)
-        initial_metrics, initial_table = judge(initial)
+        initial_metrics, initial_table = judge.initial(config)
         work_dir.mkdir(parents=True, exist_ok=True)
         initial_table.to_parquet(work_dir / INITIAL_RESULTS, index=False)
         state = {"objective": initial_metrics, "objective_epoch": 0,
