@@ -105,21 +105,22 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, storage: str | os.PathLi
               verbose: int = 0) -> tune.ResultGrid:
     """Run (or with ``resume`` continue) a sweep; returns Tune's ResultGrid."""
     folder = sweep_dir(spec.name, storage)
+    # Refuse before starting Ray: resuming nothing, or silently mixing a new sweep into an old one.
+    if resume and not tune.Tuner.can_restore(str(folder)):
+        raise CxrtuneError(f"sweep {spec.name!r}: nothing to resume in {folder}; run it without --resume first")
+    if not resume and tune.Tuner.can_restore(str(folder)):
+        raise CxrtuneError(
+            f"sweep {spec.name!r} already exists in {folder}: pass --resume to continue it, "
+            "or choose another --name"
+        )
     ensure_ray(address, num_cpus)
     trainable = tune.with_resources(spec.trainable, trial_resources(spec.resources))
     study_url = optuna_url(spec.name, storage)
 
     if resume:
-        if not tune.Tuner.can_restore(str(folder)):
-            raise CxrtuneError(f"sweep {spec.name!r}: nothing to resume in {folder}; run it without --resume first")
         tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=True,
                                    param_space=spec.param_space)
     else:
-        if tune.Tuner.can_restore(str(folder)):
-            raise CxrtuneError(
-                f"sweep {spec.name!r} already exists in {folder}: pass --resume to continue it, "
-                "or choose another --name"
-            )
         folder.mkdir(parents=True, exist_ok=True)
         search_alg = None
         if spec.search == "optuna":
