@@ -137,15 +137,20 @@ def affine_matrices(p: ViewParams) -> torch.Tensor:
     return torch.stack([row0, row1], dim=1)
 
 
-def to_unit_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, S, S) or (B, 1, S, S) -> float32 (B, 1, S, S) in [0, 1]."""
+def as_uint8_batch(images: torch.Tensor) -> torch.Tensor:
+    """Check a uint8 cache batch and give it a channel axis: (B, S, S) or (B, 1, S, S) -> (B, 1, S, S)."""
     if images.dtype != torch.uint8:
         raise ValueError(f"images must be uint8 from the image cache, got {images.dtype}")
     if images.ndim == 3:
         images = images.unsqueeze(1)
     if images.ndim != 4 or images.shape[1] != 1:
         raise ValueError(f"images must be (B, S, S) or (B, 1, S, S), got {tuple(images.shape)}")
-    return images.float().div_(255.0)
+    return images
+
+
+def to_unit_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, S, S) or (B, 1, S, S) -> float32 (B, 1, S, S) in [0, 1]."""
+    return as_uint8_batch(images).float().div_(255.0)
 
 
 def gaussian_kernels(sigma: torch.Tensor, size: int) -> torch.Tensor:
@@ -277,12 +282,7 @@ def gaussian_noise(shape: tuple[int, ...], std: float, generator: torch.Generato
 def apply_params(images: torch.Tensor, p: ViewParams, out_size: int, config: AugmentConfig,
                  generator: torch.Generator | None = None, chunk: int | None = None) -> torch.Tensor:
     """uint8 batch -> normalised float views (B, 1, out_size, out_size) with the given parameters."""
-    if images.dtype != torch.uint8:
-        raise ValueError(f"images must be uint8 from the image cache, got {images.dtype}")
-    if images.ndim == 3:
-        images = images.unsqueeze(1)
-    if images.ndim != 4 or images.shape[1] != 1:
-        raise ValueError(f"images must be (B, S, S) or (B, 1, S, S), got {tuple(images.shape)}")
+    images = as_uint8_batch(images)
     n = images.shape[0]
     on_cpu = images.device.type == "cpu"
     chunk = max(1, chunk or (CPU_CHUNK if on_cpu else n))
