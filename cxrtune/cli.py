@@ -219,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     # Commands contributed by other core modules, wired when present.
     for module, adder in (("cxrtune.engine.cli", "add_pretrain_parser"),
                           ("cxrtune.evaluate.cli", "add_evaluate_parser"),
-                          ("cxrtune.export", "add_export_parser")):
+                          ("cxrtune.export", "add_export_parser"),
+                          ("cxrtune.report_cli", "add_report_parser"),
+                          ("cxrtune.report_cli", "add_compare_parser")):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

@@ -1,0 +1,73 @@
+"""The report and compare on a real smoke sweep's output (one Ray session for the module; cache,
+sweep and MLflow store under tmp_path)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ray = pytest.importorskip("ray")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    path = tmp_path_factory.mktemp("analysis_smoke")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CXRTUNE_CACHE", str(path / "cache"))
+    mp.chdir(path)
+    spec = importlib.util.spec_from_file_location("sweep_moco_variance", ROOT / "sweeps" / "moco_variance.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    from cxrtune.sweep.cli import main
+
+    uri = f"sqlite:///{path / 'mlflow.db'}"
+    assert main(script.SWEEP, ["--profile", "smoke", "--storage", str(path / "runs"), "--tracking-uri", uri,
+                               "--cpus", "2"]) == 0
+    yield path, uri
+    mp.undo()
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.mark.slow
+def test_report_and_compare_on_a_smoke_sweep(smoke):
+    from analysis.compare import compare
+    from analysis.gradcam import GradcamConfig
+    from analysis.report import ReportConfig, build_report
+
+    path, uri = smoke
+    runs = path / "runs"
+    findings = ("pulmonary mass", "interstitial pattern")
+    config = ReportConfig(tracking_uri=uri, cam=GradcamConfig(input_size=64, max_images=2, max_train_negatives=40,
+                                                              findings=findings))
+    report = build_report("moco_variance", runs, config=config, progress=lambda *_: None)
+    html = report.html.read_text()
+    assert "still running" not in html
+    for anchor in ("status", "study", "search", "health", "localisation", "cost"):
+        assert f'<section id="{anchor}">' in html
+    assert "No few-shot results table for this sweep" in html  # no compare_methods run here
+    # the trials table shows the driver's own numbers
+    trials_csv = pd.read_csv(runs / "moco_variance" / "trials.csv", dtype={"trial": str})
+    trials = pd.read_csv(report.folder / "tables" / "trials.csv", dtype={"trial": str})
+    merged = trials.merge(trials_csv, on="trial", suffixes=("_report", "_driver"))
+    assert len(merged) == 2
+    for _, row in merged.iterrows():
+        assert float(row["probe_auroc_20shot_report"]) == pytest.approx(row["probe_auroc_20shot_driver"], abs=5e-4)
+    # localisation: every finding, for the sweep's best and random init, scored against the phantom masks
+    local = pd.read_csv(report.folder / "tables" / "localisation.csv")
+    assert set(local["backbone"]) == {"moco_variance", "random-resnet18"}
+    assert set(local["finding"]) == set(findings)
+    scores = pd.read_csv(report.folder / "tables" / "localisation_scores.csv")
+    assert scores["hit"].isin([True, False]).all() and scores["energy"].between(0, 1).all()
+    assert "imagenet-resnet18: absent" in html
+    assert report.mlflow_run is not None
+    # compare: the exported best, probed here, reproduces the sweep's own in-loop scores
+    table = compare(["moco_variance", str(runs / "moco_variance" / "export")], runs)
+    assert list(table["kind"]) == ["sweep best", "random init", "checkpoint"]
+    for column in [c for c in table.columns if c.endswith("AUROC [95% CI]")]:
+        assert table.loc[2, column] == table.loc[0, column]
