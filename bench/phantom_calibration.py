@@ -3,8 +3,9 @@ ceiling (a supervised CNN that shows the signal is in the images).
 
 Floor: for each finding, the study's protocol on the default few-shot pool (PhantomConfig
 defaults): n positives + n negatives from the training split (n = 5, 50), 10 trials seeded 42 + t,
-tested on all validation positives and as many validation negatives; a logistic-regression probe
-(C by cross-validation from {0.01, 0.1, 1, 10, 100}, cv = min(5, n)) on L2-normalised
+tested on all validation positives and as many validation negatives; the project's batched logistic
+probe (cxrtune.evaluate.probe: C by cross-validation from {0.01, 0.1, 1, 10, 100}, cv = min(5, n),
+as scikit-learn's LogisticRegressionCV) on L2-normalised
 (a) raw 32 x 32 pixels and (b) random-init ResNet18 features of the 128 px image.
 
 Ceiling: a small CNN trained from scratch on a separate set (seed + 1) with 500 positive images
@@ -57,23 +58,6 @@ def render(rows: pd.DataFrame, size: int = SIZE, workers: int = 2) -> np.ndarray
         return np.concatenate(list(ex.map(_render_chunk, chunks)))
 
 
-def probe_auroc(xtr, ytr, xte, yte, n):
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import GridSearchCV
-
-    lr = LogisticRegression(max_iter=2000)
-    cv = min(5, n)
-    if cv >= 2:
-        model = GridSearchCV(lr, {"C": [0.01, 0.1, 1, 10, 100]}, cv=cv, scoring="roc_auc")
-    else:
-        model = LogisticRegression(C=1.0, max_iter=2000)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model.fit(xtr, ytr)
-    return roc_auc_score(yte, model.predict_proba(xte)[:, 1])
-
-
 def l2(x: np.ndarray) -> np.ndarray:
     return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-8)
 
@@ -97,23 +81,17 @@ def floor(args) -> pd.DataFrame:
             b = torch.from_numpy(imgs[i:i + 128]).float().div(255).unsqueeze(1)
             feats.append(net((b - XRAY_MEAN) / XRAY_STD).numpy())
     r18 = l2(np.concatenate(feats))
-    pos_of = {iid: k for k, iid in enumerate(rows["image_id"])}
+    from cxrtune.data.tasks import sample_episodes
+    from cxrtune.evaluate.probe import ProbeConfig, fit_probes
+
     pool = build_task_pool(rows, exclude=(NORMAL,), min_train=1, min_val=1, max_train_neg=None, max_val_neg=None)
+    episodes = sample_episodes(pool, shots=(5, 50), trials=args.trials)
+    local = {iid: k for k, iid in enumerate(rows["image_id"])}
     out = []
-    for disease, task in pool.tasks.items():
-        for n in (5, 50):
-            for t in range(args.trials):
-                rng = np.random.default_rng(42 + t)
-                pos = rng.choice(task.train_pos, n, replace=False)
-                neg = rng.choice(task.train_neg, n, replace=False)
-                tneg = rng.choice(task.test_neg, len(task.test_pos), replace=False)
-                tr = [pos_of[i] for i in list(pos) + list(neg)]
-                te = [pos_of[i] for i in list(task.test_pos) + list(tneg)]
-                ytr = np.r_[np.ones(n), np.zeros(n)]
-                yte = np.r_[np.ones(len(task.test_pos)), np.zeros(len(tneg))]
-                for name, x in (("raw32", raw), ("r18_random", r18)):
-                    out.append({"finding": disease, "shots": n, "trial": t, "features": name,
-                                "auroc": probe_auroc(x[tr], ytr, x[te], yte, n)})
+    for name, x in (("raw32", raw), ("r18_random", r18)):
+        table = fit_probes(x, episodes, local, ProbeConfig())
+        out += [{"finding": r.disease, "shots": int(r.shots), "trial": int(r.trial), "features": name,
+                 "auroc": float(r.auroc)} for r in table.itertuples(index=False)]
     return pd.DataFrame(out)
 
 

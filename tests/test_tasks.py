@@ -124,3 +124,16 @@ def test_episodes_round_trip_through_parquet(tmp_path):
 def test_loading_missing_episodes_names_the_file(tmp_path):
     with pytest.raises(TaskError, match="episodes file .*nope.parquet does not exist"):
         load_episodes(tmp_path / "nope.parquet")
+
+
+def test_all_test_negatives_keeps_the_training_draw_and_tests_on_every_held_out_negative():
+    pool = build_task_pool(make_index(COUNTS), exclude={"normal"})
+    matched = sample_episodes(pool, shots=(5,), trials=2)
+    every = sample_episodes(pool, shots=(5,), trials=2, test_negatives="all")
+    for (_, a), (_, b) in zip(matched.iterrows(), every.iterrows()):
+        task = pool.tasks[a.disease]
+        assert a.train_ids == b.train_ids  # same training episodes: results stay comparable
+        assert sorted(b.test_ids) == sorted(task.test_pos + task.test_neg)
+        assert b.test_labels == [1] * len(task.test_pos) + [0] * len(task.test_neg)
+    with pytest.raises(TaskError, match="test_negatives = 'some'"):
+        sample_episodes(pool, shots=(5,), test_negatives="some")

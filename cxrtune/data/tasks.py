@@ -188,14 +188,21 @@ def sample_episodes(
     seed_base: int = DEFAULT_SEED_BASE,
     strict: bool = False,
     diseases: Iterable[str] | None = None,
+    test_negatives: str = "matched",
 ) -> pd.DataFrame:
     """Draw every (disease, shots, trial) episode; returns a frame with :data:`EPISODE_COLUMNS`.
+
+    The test set holds every evaluation positive and, with ``test_negatives="matched"`` (the
+    study's protocol), as many sampled evaluation negatives; with ``"all"``, every evaluation
+    negative (more test images resolve smaller differences between backbones).
 
     With ``strict`` a shot count larger than a disease's pool raises :class:`TaskError`;
     otherwise n is capped at the pool size and a :class:`ShotsCappedWarning` names the disease.
     """
     if trials < 1:
         raise TaskError(f"trials = {trials} is not valid: use at least 1")
+    if test_negatives not in ("matched", "all"):
+        raise TaskError(f"test_negatives = {test_negatives!r} is not valid: use 'matched' or 'all'")
     bad = [s for s in shots if int(s) < 1]
     if bad:
         raise TaskError(f"shots = {list(shots)} contains {bad[0]}: every shot count must be >= 1")
@@ -222,7 +229,7 @@ def sample_episodes(
                 if strict:
                     raise TaskError(message + "; lower the shot count or drop --strict to cap it")
                 warnings.warn(message + f"; using n = {n}", ShotsCappedWarning, stacklevel=2)
-            n_test_neg = min(len(task.test_pos), len(task.test_neg))
+            n_test_neg = len(task.test_neg) if test_negatives == "all" else min(len(task.test_pos), len(task.test_neg))
             for t in range(trials):
                 seed = seed_base + t
                 rng = np.random.default_rng(seed)

@@ -42,7 +42,7 @@ class PhantomConfig(Config):
     studies_per_patient: int = param(4, low=1, high=50, doc="pretraining studies per synthetic patient")
     prevalence: float = param(0.01, low=0.0, high=0.1, doc="share of pretraining patients with each finding")
     train_pos: int = param(80, low=1, doc="few-shot training positives per finding (images)")
-    val_pos: int = param(26, low=1, doc="few-shot validation positives per finding (images)")
+    val_pos: int = param(60, low=1, doc="few-shot validation positives per finding (images)")
     train_neg: int = param(2000, low=2, doc="few-shot training negatives (normal images)")
     val_neg: int = param(500, low=2, doc="few-shot validation negatives (normal images)")
     fewshot_studies: int = param(2, low=1, high=10, doc="studies per few-shot patient")

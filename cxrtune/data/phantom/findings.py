@@ -44,9 +44,11 @@ ORGAN = {
     "pulmonary fibrosis": "lung",
 }
 #: Beta(a, b) of each finding's severity: most cases subtle, a few obvious.
-SEVERITY_BETA = {name: (1.0, 1.6) for name in FINDINGS}
+SEVERITY_BETA = {name: (1.0, 1.3) for name in FINDINGS}
 #: 1 - lung density: what a lesion adds where it replaces aerated lung (per mm).
 LUNG_GAIN = 0.85
+#: Ground-glass density (mm water at the lung's full depth) of a diffuse finding at severity 0.5.
+HAZE_MM = 12.0
 
 
 @dataclass
@@ -142,10 +144,10 @@ def _lung_centre(p: Patient, rng: np.random.Generator, radius_px: float, zone=No
 
 def calcified_granuloma(p: Patient, rng, s: float) -> FindingEffect:
     k = _mm(p)
-    radius_mm = 3.0 + 7.0 * s
+    radius_mm = 4.5 + 7.5 * s
     r0, c0 = _lung_centre(p, rng, radius_mm * k)
     chord, foot = _ellipse_chord(p.size, r0, c0, radius_mm * k, radius_mm * k, 0.0, radius_mm)
-    density = 1.5 + 1.5 * s  # calcium: about +1500 to +3000 HU
+    density = 3.0 + 3.0 * s  # dense calcium, brighter than the vessels it hides among
     delta = _in_lung(p, chord) + np.minimum(chord, p.lung) * density
     mask = ndi.binary_dilation(foot, iterations=1) & lung_field(p, 0.2)
     return FindingEffect(delta, mask)
@@ -153,7 +155,7 @@ def calcified_granuloma(p: Patient, rng, s: float) -> FindingEffect:
 
 def pulmonary_mass(p: Patient, rng, s: float) -> FindingEffect:
     k = _mm(p)
-    radius_mm = 12.0 + 36.0 * s
+    radius_mm = 18.0 + 32.0 * s
     r0, c0 = _lung_centre(p, rng, radius_mm * k)
     chord = np.zeros((p.size, p.size), np.float32)
     foot = np.zeros((p.size, p.size), bool)
@@ -171,13 +173,13 @@ def pulmonary_mass(p: Patient, rng, s: float) -> FindingEffect:
 
 def fibrotic_band(p: Patient, rng, s: float) -> FindingEffect:
     k = _mm(p)
-    length_mm = 35.0 + 60.0 * s
-    thick_mm = 3.0 + 6.0 * s
+    length_mm = 50.0 + 60.0 * s
+    thick_mm = 5.0 + 7.0 * s
     zone = _rows_between(p, 0.35, 1.0)
     r0, c0 = _lung_centre(p, rng, 0.25 * length_mm * k, zone)
     theta = rng.uniform(-0.6, 0.6)
-    chord, foot = _ellipse_chord(p.size, r0, c0, 0.5 * length_mm * k, 0.5 * thick_mm * k, theta, 10.0 + 15.0 * s)
-    delta = _in_lung(p, chord)
+    chord, foot = _ellipse_chord(p.size, r0, c0, 0.5 * length_mm * k, 0.5 * thick_mm * k, theta, 25.0 + 30.0 * s)
+    delta = _in_lung(p, chord) * 1.6  # scar: denser than the lung it replaces
     mask = ndi.binary_dilation(foot, iterations=1) & lung_field(p, 0.2)
     return FindingEffect(delta, mask)
 
@@ -197,10 +199,10 @@ def callus_rib_fracture(p: Patient, rng, s: float) -> FindingEffect:
     gr = ndi.sobel(smooth, axis=0)[int(r0), int(c0)]
     gc = ndi.sobel(smooth, axis=1)[int(r0), int(c0)]
     theta = float(np.arctan2(gr, gc)) + np.pi / 2  # along the rib: across its gradient
-    length_mm = 14.0 + 18.0 * s
-    thick_mm = 8.0 + 10.0 * s
+    length_mm = 28.0 + 24.0 * s
+    thick_mm = 14.0 + 12.0 * s
     chord, foot = _ellipse_chord(p.size, r0, c0, 0.5 * length_mm * k, 0.5 * thick_mm * k, theta, 0.5 * thick_mm)
-    density = 1.0 + 1.5 * s
+    density = 3.0 + 3.0 * s
     delta = chord * density
     # The fracture line: a thin lucent gap across the callus.
     R, Cc = _grid(p.size)
@@ -276,10 +278,14 @@ def _peripheral(p: Patient) -> np.ndarray:
     return np.clip(np.abs(C - p.mid_col) / 0.3, 0.0, 1.0)
 
 
-def _texture(p: Patient, rng, pattern: np.ndarray, amplitude: float, zone: np.ndarray) -> FindingEffect:
+def _texture(p: Patient, rng, pattern: np.ndarray, amplitude: float, zone: np.ndarray,
+             haze: float = 0.0) -> FindingEffect:
+    """A diffuse pattern filling the lung's depth in ``zone``: ``amplitude`` (mm water) times the
+    pattern, plus ``haze`` mm of uniform density (the ground-glass component that raises the
+    whole zone's opacity)."""
     field = lung_field(p)
     frac = np.clip(p.lung / max(float(p.lung.max()), 1e-6), 0, 1)
-    delta = amplitude * pattern * frac * zone * field
+    delta = (amplitude * pattern + haze) * frac * zone * field
     mask = field & (zone > 0.25)
     return FindingEffect(delta.astype(np.float32), mask)
 
@@ -290,7 +296,7 @@ def interstitial_pattern(p: Patient, rng, s: float) -> FindingEffect:
     nodules = np.clip(n - 1.6, 0, None) * 1.5
     lines = np.exp(-(n / 0.35) ** 2) * 0.5
     zone = _rows_between(p, 0.3, 1.0) * (0.5 + 0.5 * _rows_between(p, 0.55, 1.0))
-    return _texture(p, rng, nodules + lines, 9.0 + 30.0 * s, zone)
+    return _texture(p, rng, nodules + lines, 50.0 + 70.0 * s, zone, haze=HAZE_MM * (0.5 + s))
 
 
 def reticular_interstitial_pattern(p: Patient, rng, s: float) -> FindingEffect:
@@ -298,7 +304,7 @@ def reticular_interstitial_pattern(p: Patient, rng, s: float) -> FindingEffect:
     n = bandpass_noise(rng, p.size, 0.8 * scale)
     net = np.exp(-(n / 0.3) ** 2)
     zone = _rows_between(p, 0.2, 1.0) * (0.3 + 0.7 * _peripheral(p))
-    return _texture(p, rng, net, 9.0 + 30.0 * s, zone)
+    return _texture(p, rng, net, 55.0 + 75.0 * s, zone, haze=HAZE_MM * (0.5 + s))
 
 
 def pulmonary_fibrosis(p: Patient, rng, s: float) -> FindingEffect:
@@ -306,7 +312,7 @@ def pulmonary_fibrosis(p: Patient, rng, s: float) -> FindingEffect:
     n = bandpass_noise(rng, p.size, 1.8 * scale)
     net = np.exp(-(n / 0.4) ** 2) + 0.5 * np.clip(-n - 1.2, 0, None)  # coarse net + honeycomb holes
     zone = _rows_between(p, 0.45, 1.0) * (0.2 + 0.8 * _peripheral(p))
-    eff = _texture(p, rng, net, 10.0 + 30.0 * s, zone)
+    eff = _texture(p, rng, net, 25.0 + 40.0 * s, zone, haze=HAZE_MM * (0.5 + s))
     # Volume loss: both bases rise a little.
     deficit, _ = _rewarp_lungs(p, np.full(p.size, (5.0 + 20.0 * s) * _mm(p), np.float32))
     eff.delta = eff.delta + (p.lung_deficit - deficit)
@@ -318,8 +324,8 @@ def bronchiectasis(p: Patient, rng, s: float) -> FindingEffect:
     size = p.size
     delta = np.zeros((size, size), np.float32)
     zone = _rows_between(p, 0.45, 1.0)
-    n_tubes = int(4 + round(12 * s))
-    wall = 3.0 + 5.0 * s
+    n_tubes = int(8 + round(12 * s))
+    wall = 14.0 + 12.0 * s
     for _ in range(n_tubes):
         r0, c0 = _lung_centre(p, rng, 3 * k, zone)
         theta = np.arctan2(r0 - p.heart_row * size, c0 - p.mid_col * size) + rng.normal(0, 0.3)
@@ -333,8 +339,8 @@ def bronchiectasis(p: Patient, rng, s: float) -> FindingEffect:
             for side in (-1, 1):
                 rr = r0 + side * lumen * np.cos(theta)
                 cc = c0 - side * lumen * np.sin(theta)
-                ch, _ = _ellipse_chord(size, rr, cc, 0.5 * length, 0.5 * k, theta, 2.0)
-                delta += ch * wall / 2.0
+                ch, _ = _ellipse_chord(size, rr, cc, 0.5 * length, 1.2 * k, theta, 3.0)
+                delta += ch * wall / 3.0
     field = lung_field(p)
     delta = np.minimum(delta, p.lung) * field
     mask = ndi.binary_dilation(delta > 0.05 * max(float(delta.max()), 1e-6), iterations=2) & field

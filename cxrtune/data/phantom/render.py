@@ -373,8 +373,8 @@ class StudyParams:
         col = tuple(float(u(0.0, 0.07)) if collimate else 0.0 for _ in range(4))
         return cls(
             rotation_deg=u(-4, 4), scale=u(0.95, 1.05), shift_x=u(-0.03, 0.03), shift_y=u(-0.03, 0.03),
-            parallax=u(-0.012, 0.012), bone_boost=u(1.5, 2.2), window_lo=u(1.0, 1.7),
-            window_hi=u(5.0, 6.2), gamma=u(0.8, 1.25), blur_px=u(0.2, 1.0), noise=float(np.exp(u(np.log(0.002), np.log(0.015)))),
+            parallax=u(-0.012, 0.012), bone_boost=u(1.5, 2.2), window_lo=u(1.15, 1.55),
+            window_hi=u(5.3, 5.9), gamma=u(0.9, 1.12), blur_px=u(0.2, 1.0), noise=float(np.exp(u(np.log(0.002), np.log(0.015)))),
             collimation=col, marker=int(rng.integers(0, 3)), marker_pos=(u(0.03, 0.12), u(0.04, 0.16)),
             sharpen=u(0.0, 0.6), sharpen_px=u(2.0, 6.0),
             grid_amp=u(0.005, 0.02) if rng.random() < 0.25 else 0.0, grid_period=u(2.2, 4.0),
