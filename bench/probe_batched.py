@@ -8,17 +8,24 @@ AUROCs sit in the study's range rather than at 1.0.
 
 Both sides run in this process on the same episodes and features, with the same thread count:
 
-* batched: ``cxrtune.evaluate.probe.fit_probes`` (torch, float64);
+* batched: ``cxrtune.evaluate.probe.fit_probes`` (torch, float64 solves);
 * reference: ``LogisticRegressionCV(Cs, cv=min(5, n), scoring=accuracy)`` per episode
   (``LogisticRegression(C=1)`` at one shot), scikit-learn's defaults otherwise (the study's probe),
   with BLAS limited to ``--sklearn-blas-threads`` (1 by default: on these small problems extra BLAS
   threads make the loop slower, so 1 is the fair setting).
 
-Prints wall times, the ratio, probes/s, and the agreement (mean and max |AUROC difference|, share
-of episodes where the chosen C differs). Then times the batched probe alone at 512-d.
+The machine is shared, so the two sides are alternated: each of ``--rounds`` rounds times the
+batched grid, the scikit-learn loop, and the batched grid again; a round's ratio is its loop time
+over the mean of its two batched times, and the median over rounds is the headline; the CPU-time
+ratio (CPU seconds of all threads, each side) is printed too, as other jobs inflate wall times
+unevenly. Prints wall
+times, the ratios, probes/s, and the agreement (mean and max |AUROC difference|, share of episodes
+where the chosen C differs). ``--breakdown`` adds where the batched CPU time goes (one thread).
+Then times the batched probe alone at 512-d.
 
     python bench/probe_batched.py --threads 2
     python bench/probe_batched.py --threads 2 --sklearn-episodes 100   # time a subset of the loop
+    python bench/probe_batched.py --threads 2 --separation 2.5         # harder tasks (AUROC ~0.69 at 50 shots)
 """
 
 from __future__ import annotations
@@ -43,8 +50,9 @@ def main() -> None:
     parser.add_argument("--sklearn-episodes", type=int, default=0,
                         help="run the scikit-learn loop on this many episodes (spread over the grid) and "
                              "scale its time to the grid; 0 = all")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="batched runs before and again after the loop; the fastest counts, the median is shown")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternated rounds of (batched, scikit-learn loop, batched); the median ratio counts")
+    parser.add_argument("--breakdown", action="store_true", help="also print where the batched CPU time goes")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -102,52 +110,62 @@ def main() -> None:
           f"{args.dim}-d features, {args.threads} threads, device {args.device}")
 
     fit_probes(x[:, :64], episodes.head(20), row_of_id, config)  # warm-up (allocator, kernels)
-    batched_times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        batched = fit_probes(x, episodes, row_of_id, config)
-        batched_times.append(time.perf_counter() - start)
-    t_batched = min(batched_times)
-
     normalised = x.astype(np.float64)
     normalised /= np.linalg.norm(normalised, axis=1, keepdims=True)
     chosen = np.arange(len(episodes))
     if args.sklearn_episodes and args.sklearn_episodes < len(episodes):
         chosen = np.linspace(0, len(episodes) - 1, args.sklearn_episodes).round().astype(int)
-    reference_auc, reference_C = [], []
-    limit = threadpool_limits(args.sklearn_blas_threads)  # tiny problems: extra BLAS threads only add overhead
-    start = time.perf_counter()
-    for i in chosen:
-        rec = episodes.iloc[i]
-        train = normalised[[row_of_id[j] for j in rec.train_ids]]
-        test = normalised[[row_of_id[j] for j in rec.test_ids]]
-        if rec.n == 1:
-            model = LogisticRegression(C=1.0).fit(train, rec.train_labels)
-            C = 1.0
-        else:
-            model = LogisticRegressionCV(Cs=[0.01, 0.1, 1, 10, 100], cv=min(5, int(rec.n)), scoring="accuracy",
-                                         l1_ratios=(0.0,), use_legacy_attributes=False).fit(train, rec.train_labels)
-            C = float(np.ravel(model.C_)[0])
-        reference_auc.append(roc_auc_score(rec.test_labels, model.decision_function(test)))
-        reference_C.append(C)
-    t_loop_measured = time.perf_counter() - start
-    limit.restore_original_limits()
-    t_loop = t_loop_measured * len(episodes) / len(chosen)
-    for _ in range(args.repeats):  # again after the loop: the machine's load may have changed
-        start = time.perf_counter()
-        fit_probes(x, episodes, row_of_id, config)
-        batched_times.append(time.perf_counter() - start)
-    t_batched = min(batched_times)
-    t_batched_median = float(np.median(batched_times))
 
+    def batched_run():
+        start, cpu = time.perf_counter(), time.process_time()
+        result = fit_probes(x, episodes, row_of_id, config)
+        return time.perf_counter() - start, time.process_time() - cpu, result
+
+    def sklearn_loop():
+        aucs, Cs = [], []
+        limit = threadpool_limits(args.sklearn_blas_threads)  # tiny problems: extra BLAS threads only add overhead
+        start, cpu = time.perf_counter(), time.process_time()
+        for i in chosen:
+            rec = episodes.iloc[i]
+            train = normalised[[row_of_id[j] for j in rec.train_ids]]
+            test = normalised[[row_of_id[j] for j in rec.test_ids]]
+            if rec.n == 1:
+                model = LogisticRegression(C=1.0).fit(train, rec.train_labels)
+                C = 1.0
+            else:
+                model = LogisticRegressionCV(Cs=[0.01, 0.1, 1, 10, 100], cv=min(5, int(rec.n)), scoring="accuracy",
+                                             l1_ratios=(0.0,), use_legacy_attributes=False).fit(train, rec.train_labels)
+                C = float(np.ravel(model.C_)[0])
+            aucs.append(roc_auc_score(rec.test_labels, model.decision_function(test)))
+            Cs.append(C)
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+        limit.restore_original_limits()
+        scale = len(episodes) / len(chosen)
+        return elapsed * scale, cpu * scale, elapsed, aucs, Cs
+
+    rounds, cpu_ratios = [], []
+    for r in range(args.rounds):
+        t_before, cpu_before, batched = batched_run()
+        t_loop, cpu_loop, t_loop_measured, reference_auc, reference_C = sklearn_loop()
+        t_after, cpu_after, _ = batched_run()
+        rounds.append((t_loop, t_before, t_after))
+        cpu_ratios.append(cpu_loop / ((cpu_before + cpu_after) / 2))
+        print(f"round {r + 1}: scikit-learn loop {t_loop:7.2f} s, batched {t_before:.2f} / {t_after:.2f} s, "
+              f"ratio {t_loop / ((t_before + t_after) / 2):.1f} x   (CPU seconds: loop {cpu_loop:.1f}, batched "
+              f"{cpu_before:.2f} / {cpu_after:.2f}, ratio {cpu_ratios[-1]:.1f} x)", flush=True)
+    ratios = [loop / ((a + b) / 2) for loop, a, b in rounds]
+    batched_times = [t for _, a, b in rounds for t in (a, b)]
+    t_loop = float(np.median([loop for loop, _, _ in rounds]))
+    t_batched = float(np.median(batched_times))
     diff = np.abs(np.asarray(reference_auc) - batched["auroc"].to_numpy()[chosen])
     c_differs = np.mean(np.asarray(reference_C) != batched["C"].to_numpy()[chosen])
-    scaled = "" if len(chosen) == len(episodes) else f" (measured {t_loop_measured:.1f} s on {len(chosen)} episodes, scaled)"
-    print(f"scikit-learn loop : {t_loop:8.2f} s   {len(episodes) / t_loop:9.1f} probes/s{scaled}")
-    print(f"batched (torch)   : {t_batched:8.2f} s   {len(episodes) / t_batched:9.1f} probes/s   (runs: "
+    scaled = "" if len(chosen) == len(episodes) else f" (last round measured {t_loop_measured:.1f} s on {len(chosen)} episodes, scaled)"
+    print(f"scikit-learn loop : {t_loop:8.2f} s   {len(episodes) / t_loop:9.1f} probes/s   (median of rounds){scaled}")
+    print(f"batched (torch)   : {t_batched:8.2f} s   {len(episodes) / t_batched:9.1f} probes/s   (median of runs: "
           + ", ".join(f"{t:.2f}" for t in batched_times) + ")")
-    print(f"speed-up          : {t_loop / t_batched:8.1f} x   (with the median batched run: "
-          f"{t_loop / t_batched_median:.1f} x)")
+    print(f"speed-up          : {np.median(ratios):8.1f} x   median of the rounds' ratios "
+          f"({', '.join(f'{q:.1f}' for q in ratios)}); fastest batched run: {t_loop / min(batched_times):.1f} x")
+    print(f"CPU-time ratio    : {np.median(cpu_ratios):8.1f} x   (CPU seconds of all threads; less sensitive to a loaded machine)")
     print(f"agreement on {len(chosen)} probes: mean |dAUROC| = {diff.mean():.4f}, max = {diff.max():.4f}, "
           f"C differs in {100 * c_differs:.0f} %")
     by_shots = pd.DataFrame({"shots": episodes["shots"].to_numpy()[chosen], "sklearn": reference_auc,
@@ -155,15 +173,58 @@ def main() -> None:
     print("mean AUROC by shots (sklearn / batched): "
           + "  ".join(f"{s}: {r.sklearn:.3f}/{r.batched:.3f}" for s, r in by_shots.iterrows()))
 
+    if args.breakdown:
+        breakdown(fit_probes, x, episodes, row_of_id, config, args.threads)
     x_small, _ = features(args.small_dim, seed=1)
     small_times = []
-    for _ in range(args.repeats):
+    for _ in range(args.rounds):
         start = time.perf_counter()
         fit_probes(x_small, episodes, row_of_id, config)
         small_times.append(time.perf_counter() - start)
-    t_small = min(small_times)
-    print(f"batched at {args.small_dim}-d : {t_small:8.2f} s   {len(episodes) / t_small:9.1f} probes/s")
+    t_small = float(np.median(small_times))
+    print(f"batched at {args.small_dim}-d : {t_small:8.2f} s   {len(episodes) / t_small:9.1f} probes/s   (median of "
+          + ", ".join(f"{t:.2f}" for t in small_times) + ")")
     sys.stdout.flush()
+
+
+def breakdown(fit_probes, x, episodes, row_of_id, config, threads: int) -> None:
+    """CPU seconds (one thread, so that the shares add up) of the batched grid by stage."""
+    import torch
+
+    from cxrtune.evaluate import probe
+
+    spent: dict[str, float] = {}
+    wrapped = {"kernel_newton": probe.kernel_newton, "cholesky": torch.linalg.cholesky_ex,
+               "triangular solves": torch.linalg.solve_triangular}
+
+    def timed(name, f, key=None):
+        def call(*a, **k):
+            start = time.process_time()
+            out = f(*a, **k)
+            label = key(*a) if key else name
+            spent[label] = spent.get(label, 0.0) + time.process_time() - start
+            return out
+        return call
+
+    probe.kernel_newton = timed("solver", wrapped["kernel_newton"], key=lambda g, *a: f"solver, {g.shape[1]} samples")
+    torch.linalg.cholesky_ex = timed("cholesky", wrapped["cholesky"])
+    torch.linalg.solve_triangular = timed("triangular solves", wrapped["triangular solves"])
+    torch.set_num_threads(1)
+    try:
+        start = time.process_time()
+        fit_probes(x, episodes, row_of_id, config)
+        total = time.process_time() - start
+    finally:
+        probe.kernel_newton = wrapped["kernel_newton"]
+        torch.linalg.cholesky_ex = wrapped["cholesky"]
+        torch.linalg.solve_triangular = wrapped["triangular solves"]
+        torch.set_num_threads(threads)
+    solver = sum(v for k, v in spent.items() if k.startswith("solver"))
+    print(f"CPU breakdown, one thread: total {total:.2f} s; Newton solves {solver:.2f} s ("
+          + ", ".join(f"{k.split(', ')[1]}: {v:.2f}" for k, v in sorted(spent.items(), key=lambda kv: -kv[1])
+                      if k.startswith("solver")) + f"), of which Cholesky {spent.get('cholesky', 0):.2f} s and "
+          f"triangular solves {spent.get('triangular solves', 0):.2f} s; inner products, fold set-up, "
+          f"scoring and checks {total - solver:.2f} s")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ device and every step is one batched tensor operation:
 1. random resized crop, horizontal flip and rotation, fused into one affine map per image and
    applied by a single sampling grid + ``grid_sample`` (bilinear, zeros outside the image);
 2. brightness and contrast jitter (torchvision's blend rules), per image, with probability,
-   fused with the normalisation by the X-ray mean and std;
+   fused with the normalisation (the X-ray mean and std unless the caller gives its own);
 3. Gaussian blur with a per-image sigma: a separable per-image convolution (reflect padding); on
    CPU only the blurred images are convolved, on a GPU the others get a delta kernel;
 4. additive Gaussian noise (on CPU from a 65,536-level inverse-CDF table, see ``gaussian_noise``).
@@ -21,6 +21,8 @@ without antialiasing, so build the cache near the training size (256 for 224, 64
 
 All randomness comes from one ``torch.Generator`` on the device, whose state the training loop
 checkpoints: a resumed run draws the same views.
+
+Pretraining and few-shot finetuning (``cxrtune.evaluate.finetune``) both draw their views here.
 """
 
 from __future__ import annotations
@@ -280,8 +282,13 @@ def gaussian_noise(shape: tuple[int, ...], std: float, generator: torch.Generato
 
 
 def apply_params(images: torch.Tensor, p: ViewParams, out_size: int, config: AugmentConfig,
-                 generator: torch.Generator | None = None, chunk: int | None = None) -> torch.Tensor:
-    """uint8 batch -> normalised float views (B, 1, out_size, out_size) with the given parameters."""
+                 generator: torch.Generator | None = None, chunk: int | None = None,
+                 mean: float = XRAY_MEAN, std: float = XRAY_STD) -> torch.Tensor:
+    """uint8 batch -> normalised float views (B, 1, out_size, out_size) with the given parameters.
+
+    ``mean`` and ``std`` normalise the [0, 1] intensities (an evaluation's preprocessing may set
+    its own); the noise is added after, in those normalised units.
+    """
     images = as_uint8_batch(images)
     n = images.shape[0]
     on_cpu = images.device.type == "cpu"
@@ -307,7 +314,7 @@ def apply_params(images: torch.Tensor, p: ViewParams, out_size: int, config: Aug
         x = images[lo:hi] if order is None else images.index_select(0, order[lo:hi])
         x = F.grid_sample(x.float().mul_(brightness[lo:hi]), sampling_grid(theta[lo:hi], out_size),
                           mode="bilinear", padding_mode="zeros", align_corners=False)
-        _jitter_and_normalise(x, contrast[lo:hi])
+        _jitter_and_normalise(x, contrast[lo:hi], mean, std)
         blurred = min(hi, n_blurred) - lo
         if config.blur_kernel > 1 and blurred > 0:
             _grouped_blur(x[:blurred], sigma[lo:hi][:blurred], config.blur_kernel, out=x[:blurred])
@@ -337,34 +344,43 @@ def _write_rows(out: torch.Tensor, rows: list[int], x: torch.Tensor, noisy: list
             out[row] = x[i]
 
 
-def _jitter_and_normalise(x: torch.Tensor, contrast: torch.Tensor) -> None:
+def _jitter_and_normalise(x: torch.Tensor, contrast: torch.Tensor, mean: float = XRAY_MEAN,
+                          std: float = XRAY_STD) -> None:
     """In place: clamp the brightened chunk to [0, 1], blend with its mean, normalise.
 
-    ``clamp((x - m) * c + m, 0, 1)`` followed by ``(. - XRAY_MEAN) / XRAY_STD`` is one affine map
+    ``clamp((x - m) * c + m, 0, 1)`` followed by ``(. - mean) / std`` is one affine map
     and a clamp to the normalised bounds: three passes over the pixels instead of six. Blurring after
     normalising gives the same image, as the blur kernel sums to one.
     """
     x.clamp_(0, 1)
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    offset = ((1 - contrast) * mean - XRAY_MEAN) / XRAY_STD
-    x.mul_(contrast / XRAY_STD).add_(offset)  # measured ~5x faster than one broadcast addcmul
-    x.clamp_(-XRAY_MEAN / XRAY_STD, (1 - XRAY_MEAN) / XRAY_STD)
+    image_mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    offset = ((1 - contrast) * image_mean - mean) / std
+    x.mul_(contrast / std).add_(offset)  # measured ~5x faster than one broadcast addcmul
+    x.clamp_(-mean / std, (1 - mean) / std)
 
 
 class BatchAugment:
-    """Draws and applies one view per image of a uint8 batch already on the device."""
+    """Draws and applies one view per image of a uint8 batch already on the device.
 
-    def __init__(self, config: AugmentConfig, out_size: int, generator: torch.Generator) -> None:
+    Pretraining normalises with the X-ray ``mean`` and ``std``; finetuning passes those of its
+    evaluation preprocessing, so training and test images are normalised alike.
+    """
+
+    def __init__(self, config: AugmentConfig, out_size: int, generator: torch.Generator,
+                 mean: float = XRAY_MEAN, std: float = XRAY_STD) -> None:
         self.config = config
         self.out_size = out_size
         self.generator = generator
+        self.mean = mean
+        self.std = std
 
     def __call__(self, images: torch.Tensor, out_size: int | None = None,
                  scale: tuple[float, float] | None = None) -> torch.Tensor:
         if images.device != self.generator.device:
             raise ValueError(f"images are on {images.device} but the augmentation generator is on {self.generator.device}")
         p = sample_params(images.shape[0], self.config, self.generator, scale)
-        return apply_params(images, p, out_size or self.out_size, self.config, self.generator)
+        return apply_params(images, p, out_size or self.out_size, self.config, self.generator,
+                            mean=self.mean, std=self.std)
 
 
 def preprocess(images: torch.Tensor, out_size: int, crop_fraction: float = 224 / 256) -> torch.Tensor:

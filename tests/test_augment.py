@@ -190,3 +190,14 @@ def test_blur_matches_torchvision_on_non_square_images():
     for i in range(4):
         want = TF.gaussian_blur(x[i], [9, 9], [sigma[i].item()] * 2) if sigma[i] > 0 else x[i]
         assert torch.allclose(out[i], want, atol=1e-6), i
+
+
+def test_views_normalise_with_the_mean_and_std_given():
+    images = _images()
+    out = apply_params(images, ViewParams.identity(4), 16, NO_NOISE, mean=0.25, std=0.5)
+    assert torch.allclose(out[:, 0], (images.float() / 255 - 0.25) / 0.5, atol=1e-5)
+    p = sample_params(4, AugmentConfig(), torch.Generator().manual_seed(2))
+    default = apply_params(images, p, 12, NO_NOISE)
+    own = apply_params(images, p, 12, NO_NOISE, mean=0.25, std=0.5)
+    # the same views in other units: only the normalisation differs
+    assert torch.allclose(own * 0.5 + 0.25, default * XRAY_STD + XRAY_MEAN, atol=1e-5)

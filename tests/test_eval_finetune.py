@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from cxrtune.evaluate.augment import AugmentConfig, augment
+from cxrtune.augment import AugmentConfig, BatchAugment
 from cxrtune.evaluate.features import extract_features
 from cxrtune.evaluate.finetune import FinetuneConfig, _Classifier, _freeze, finetune_episode
 from cxrtune.evaluate.metrics import auroc
@@ -64,17 +64,17 @@ def test_freezing_follows_the_stage_and_batchnorm_never_trains():
     assert _freeze(model, "head") == []
 
 
-def test_augmentation_is_seeded_and_drawn_per_image():
+def test_finetune_augmentation_is_seeded_per_image_and_normalised_as_its_preprocessing():
+    """Finetuning draws its views from cxrtune.augment, normalised with the evaluation's mean and std."""
     batch = torch.from_numpy(np.random.default_rng(1).integers(0, 256, size=(1, 32, 32), dtype=np.uint8)).repeat(4, 1, 1)
-    a = augment(batch, TINY, AugmentConfig(), torch.Generator().manual_seed(3))
-    b = augment(batch, TINY, AugmentConfig(), torch.Generator().manual_seed(3))
-    c = augment(batch, TINY, AugmentConfig(), torch.Generator().manual_seed(4))
-    assert a.shape == (4, 1, 28, 28) and torch.equal(a, b) and not torch.equal(a, c)
-    assert not torch.allclose(a[0], a[1])  # same image, different draws
+    views = [BatchAugment(AugmentConfig(), 28, torch.Generator().manual_seed(seed))(batch) for seed in (3, 3, 4)]
+    assert views[0].shape == (4, 1, 28, 28) and torch.equal(views[0], views[1]) and not torch.equal(views[0], views[2])
+    assert not torch.allclose(views[0][0], views[0][1])  # same image, different draws
+    own = PreprocessConfig(input_size=28, crop_fraction=1.0, mean=0.3, std=0.5)
     ramp = torch.from_numpy(np.tile(np.linspace(0, 255, 32).astype(np.uint8), (32, 1)))[None]
-    plain = augment(ramp, TINY, AugmentConfig(crop_scale_min=1.0, flip_p=0, rotation_deg=0, jitter_p=0, blur_p=0,
-                                               noise_std=0), torch.Generator().manual_seed(0))
+    off = AugmentConfig(crop_scale_min=1.0, hflip_p=0, rotation_deg=0, jitter_p=0, blur_p=0, noise_std=0)
+    plain = BatchAugment(off, 28, torch.Generator().manual_seed(0), mean=own.mean, std=own.std)(ramp)
     from cxrtune.evaluate.preprocess import preprocess
-    full = preprocess(ramp, PreprocessConfig(input_size=28, crop_fraction=1.0))
-    # with every random part switched off the augmentation is a plain resize of the full image
+    full = preprocess(ramp, own)
+    # with every random part switched off the view is a plain resize of the full image, normalised alike
     assert torch.allclose(plain[..., 2:-2, 2:-2], full[..., 2:-2, 2:-2], atol=0.05)

@@ -145,6 +145,75 @@ def test_kernel_solver_matches_sklearn_from_inner_products_alone():
 def test_probe_results_do_not_depend_on_chunking(grid):
     episodes, features, x, row_of_id = grid
     reference = fit_probes(features, episodes, row_of_id, ProbeConfig())
-    other = fit_probes(features, episodes, row_of_id, ProbeConfig(chunk=7))
+    other = fit_probes(features, episodes, row_of_id, ProbeConfig(chunk=9_000))  # e.g. 8 folds of 32 samples a batch
     assert other["C"].tolist() == reference["C"].tolist()
     np.testing.assert_allclose(other["auroc"], reference["auroc"], atol=1e-9)
+
+
+def test_newton_from_a_warm_start_with_hessian_reuse_matches_sklearn():
+    """Any starting point, with or without reused factorisations: the same optimum as scikit-learn."""
+    from cxrtune.evaluate.probe import kernel_newton
+
+    rng = np.random.default_rng(2)
+    P, N, C = 6, 12, 10.0
+    x = rng.normal(size=(P, N, 5))
+    y = (x[..., 0] + 0.5 * rng.normal(size=(P, N)) > 0).astype(int)
+    y[:, :2] = (0, 1)
+    expected = [LogisticRegression(C=C, tol=1e-12, max_iter=10_000).fit(x[p], y[p]) for p in range(P)]
+    gram = torch.from_numpy(x @ x.transpose(0, 2, 1))
+    signs = torch.from_numpy(2.0 * y - 1)
+    start = torch.from_numpy(rng.normal(size=(P, N)))  # far from the optimum
+    solutions = {}
+    for reuse in (0.0, 0.5):
+        alpha, b, iterations, factorisations = kernel_newton(
+            gram, signs, torch.ones(P, N, dtype=torch.float64), torch.full((P,), C, dtype=torch.float64),
+            start, torch.zeros(P, dtype=torch.float64), tol=1e-14, reuse=reuse)
+        for p in range(P):
+            w = x[p].T @ alpha[p].numpy()
+            np.testing.assert_allclose(np.r_[w, float(b[p])], np.r_[expected[p].coef_.ravel(), expected[p].intercept_],
+                                       rtol=1e-5, atol=1e-6)
+        solutions[reuse] = (int(iterations.sum()), int(factorisations.sum()))
+    # without reuse every iteration factorises; with it some steps take a kept factorisation
+    assert solutions[0.0][1] >= solutions[0.0][0]
+    assert solutions[0.5][1] < solutions[0.5][0]
+
+
+def test_easy_tasks_decided_early_still_choose_the_converged_sklearn_C():
+    """Strong features: many folds are perfect at the first C, which ends their C path; exactly sklearn's choice."""
+    index, episodes = make_episodes(n_diseases=2, shots=(5, 10), trials=2)
+    features, row_of_id = synthetic_features(index, dim=32, signal=3.0)
+    x = features.astype(np.float64)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    got = fit_probes(features, episodes, row_of_id)
+    with threadpool_limits(1):
+        reference = [_sklearn_probe(x, rec, row_of_id, tol=1e-10, max_iter=10_000) for rec in episodes.itertuples()]
+    assert got["C"].tolist() == [r[1] for r in reference]
+    assert (got["C"] == CS[0]).mean() >= 0.5  # most episodes are decided at the first C (perfect folds)
+    np.testing.assert_allclose(got["auroc"], [r[0] for r in reference], atol=1e-9)
+
+
+def test_float32_and_float64_features_give_the_same_probes(grid):
+    episodes, features, x, row_of_id = grid
+    part = episodes.iloc[::4]
+    single = fit_probes(features, part, row_of_id)
+    double = fit_probes(features.astype(np.float64), part, row_of_id)
+    assert single["C"].tolist() == double["C"].tolist()
+    np.testing.assert_allclose(single["auroc"], double["auroc"], atol=1e-9)
+
+
+def test_probe_device_setting_runs_on_cuda_when_present_and_says_so_when_absent(grid):
+    from cxrtune.errors import ConfigError
+
+    episodes, features, x, row_of_id = grid
+    part = episodes.iloc[::5]
+    on_cpu = fit_probes(features, part, row_of_id, ProbeConfig(device="cpu"))
+    if torch.cuda.is_available():
+        on_gpu = fit_probes(features, part, row_of_id, ProbeConfig(device="cuda"))
+        assert on_gpu["C"].tolist() == on_cpu["C"].tolist()
+        np.testing.assert_allclose(on_gpu["auroc"], on_cpu["auroc"], atol=1e-9)
+    else:
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            fit_probes(features, part, row_of_id, ProbeConfig(device="cuda"))
+    automatic = fit_probes(features, part, row_of_id, ProbeConfig(device="auto"))
+    assert automatic["C"].tolist() == on_cpu["C"].tolist()
+    np.testing.assert_allclose(automatic["auroc"], on_cpu["auroc"], atol=1e-9)

@@ -7,11 +7,12 @@ is ``Linear(feature_dim, 2)`` on L2-normalised features, initialised from the cl
 (weights = class means of the normalised training features, bias = -|mean|^2 / 2, i.e. the
 nearest-class-mean classifier), so training starts from a sensible decision rule; AdamW with
 backbone lr 1e-4 / head lr 1e-3, weight decay 0.01, a per-step cosine schedule over 100 epochs,
-batches of min(32, 2n), and the pretraining augmentations.
+batches of min(32, 2n), and the pretraining augmentations (``cxrtune.augment``, normalised as
+the evaluation's preprocessing).
 
-Repeatability: the episode's generator (seeded from the config seed and the episode's identity)
-drives the batch order and every augmentation draw, and the model is copied fresh for each
-episode, so two runs on the CPU give identical numbers.
+Repeatability: the episode's seed (from the config seed and the episode's identity) seeds one
+generator for the batch order and one on the training device for every augmentation draw, and
+the model is copied fresh for each episode, so two runs on the CPU give identical numbers.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cxrtune.augment import AugmentConfig, BatchAugment
 from cxrtune.config import Config, param
-from cxrtune.evaluate.augment import AugmentConfig, augment
 from cxrtune.device import resolve_device
 from cxrtune.evaluate.features import image_array
 from cxrtune.evaluate.metrics import accuracy, auroc, f1
@@ -143,7 +144,10 @@ def finetune_episode(backbone: Backbone, images: Any, train_rows, train_labels, 
     batch = min(config.batch_size, len(train_rows))
     steps_per_epoch = math.ceil(len(train_rows) / batch)
     total = config.epochs * steps_per_epoch
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # batch order
+    augmenter = BatchAugment(config.augmentation, preprocessing.input_size,
+                             torch.Generator(device=device).manual_seed(seed + 1),
+                             mean=preprocessing.mean, std=preprocessing.std)
     step = 0
     _train_mode(model)
     for _epoch in range(config.epochs):
@@ -152,7 +156,9 @@ def finetune_episode(backbone: Backbone, images: Any, train_rows, train_labels, 
             pick = order[start: start + batch]
             images_batch = torch.from_numpy(np.ascontiguousarray(array[train_rows[pick]])).to(device)
             if config.augment:
-                x = augment(images_batch, preprocessing, config.augmentation, generator, model.backbone.in_chans)
+                x = augmenter(images_batch)
+                if model.backbone.in_chans == 3:
+                    x = x.expand(-1, 3, -1, -1).contiguous()
             else:
                 x = preprocess(images_batch, preprocessing, model.backbone.in_chans)
             factor = 0.5 * (1 + math.cos(math.pi * step / total))
