@@ -7,7 +7,11 @@ sweep's validation episodes (batched linear probes, the study's protocol), givin
 every report carries the objective (ASHA and Optuna need it at every step) and every trial measures
 its own random-init baseline on the same episodes. Reports go through the ``report`` function the
 caller passes (``ray.tune.report`` in ``trainables/pretrain.py``); checkpoints are folders holding
-the engine checkpoint, a ``backbone.pt`` for export and the probe results table.
+the engine checkpoint, a ``backbone.pt`` for export, the probe results table, and the engine's
+metrics log and random-init table, so a trial restored in a fresh trial folder continues whole.
+Pretraining reads ``trial.cache``; the probe reads ``trial.eval_cache`` (another source's cache
+when the sweep validates elsewhere, e.g. pretrain on NIH and validate on PadChest as the study
+did) or, when that is empty, the pretraining cache.
 
 :func:`run_fewshot_trial` evaluates one given backbone (a checkpoint, ImageNet or random init) on
 the episodes and reports the mean AUROC per shot count.
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -36,7 +41,8 @@ from cxrtune.data.cache import ImageCache
 from cxrtune.data.tasks import load_episodes
 from cxrtune.device import resolve_device
 from cxrtune.engine import PretrainConfig, pretrain
-from cxrtune.engine.checkpoint import checkpoint_path, load_checkpoint
+from cxrtune.engine.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
+from cxrtune.engine.train import METRICS_FILE
 from cxrtune.errors import ConfigError, DivergenceError
 from cxrtune.evaluate.features import BackboneSpec, ExtractConfig, cached_features, extract_features
 from cxrtune.evaluate.preprocess import PreprocessConfig
@@ -51,12 +57,17 @@ BACKBONE_FILE = "backbone.pt"
 PROBE_RESULTS = "probe_results.parquet"
 STATE_FILE = "trial_state.json"
 INITIAL_RESULTS = "initial_probe_results.parquet"
+#: prefix of the folders a trial stages its Tune checkpoints in (under its work folder)
+STAGING_PREFIX = "ckpt-"
 
 
 @dataclass
 class TrialConfig(Config):
-    cache: str = param("", doc="image cache folder (built once by the sweep driver)")
+    cache: str = param("", doc="image cache folder of the pretraining images (built once by the sweep driver)")
     episodes: str = param("", doc="validation episodes Parquet (sampled once by the sweep driver)")
+    eval_cache: str = param("", doc="image cache folder the episodes' images live in; empty: the pretraining cache")
+    source: str = param("", doc="name of the pretraining source, for the record (MLflow params)")
+    eval_source: str = param("", doc="name of the validation source, for the record (MLflow params)")
     pretrain_subset: str = param("pretrain", doc="train on rows whose 'subset' column has this value, if the index has one")
     probe_input_size: int = param(64, low=16, doc="backbone input side for the in-loop probe")
     probe_crop_fraction: float = param(1.0, low=0, high=1, low_open=True, doc="centre crop of the cached side for the probe")
@@ -141,22 +152,55 @@ def _device(config: PretrainConfig) -> str:
 
 
 def _write_checkpoint_dir(folder: Path, engine_checkpoint: Path, backbone: Backbone, results: pd.DataFrame,
-                          state: dict[str, Any]) -> Path:
+                          state: dict[str, Any], carried: tuple[Path, ...] = ()) -> Path:
+    """A Tune checkpoint folder. ``carried`` files (the engine's metrics log, the random-init
+    probe table) travel with it: a restored trial may run in a fresh trial folder (a new Ray
+    session stages trial folders anew, another node has none), and gets them back from here."""
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(engine_checkpoint, folder / ENGINE_CHECKPOINT)
+    for path in carried:
+        if path.is_file():
+            shutil.copy2(path, folder / path.name)
+    try:  # the engine keeps its own file: a hard link stages it without a second copy on disk
+        os.link(engine_checkpoint, folder / ENGINE_CHECKPOINT)
+    except OSError:
+        shutil.copy2(engine_checkpoint, folder / ENGINE_CHECKPOINT)
     save_backbone(backbone, folder / BACKBONE_FILE, meta={"epoch": state.get("epoch", 0)})
     results.to_parquet(folder / PROBE_RESULTS, index=False)
     (folder / STATE_FILE).write_text(json.dumps(state))
     return folder
 
 
+def remove_staging(work_dir: str | Path) -> None:
+    """Remove a trial's staged checkpoint folders. Tune has copied each into the trial folder by
+    the time its report returns; the last one stays until the trial ends (Tune stops a finished
+    trial without returning from its final report), so the driver calls this again then."""
+    for folder in Path(work_dir).glob(STAGING_PREFIX + "*"):
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def restore_into(run_dir: Path, checkpoint_folder: Path) -> dict[str, Any]:
     """Put a trial checkpoint's engine checkpoint where the engine resumes from; return the
-    trial state (last objective values) saved beside it."""
+    trial state (last objective values) saved beside it.
+
+    Engine checkpoints of later epochs are removed: a process killed after the engine saved an
+    epoch but before Tune recorded it leaves one behind, and the engine would otherwise resume
+    from it while Tune's results and the trial state stand at the restored epoch.
+    """
     payload = load_checkpoint(checkpoint_folder / ENGINE_CHECKPOINT)
-    target = checkpoint_path(run_dir, int(payload["epoch"]))
+    epoch = int(payload["epoch"])
+    del payload
+    for later, path in list_checkpoints(run_dir):
+        if later > epoch:
+            path.unlink(missing_ok=True)
+    target = checkpoint_path(run_dir, epoch)
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(checkpoint_folder / ENGINE_CHECKPOINT, target)
+    # the engine's log up to this epoch (it drops any later lines itself) and the random-init table
+    if (checkpoint_folder / METRICS_FILE).is_file():
+        shutil.copy2(checkpoint_folder / METRICS_FILE, run_dir / METRICS_FILE)
+    if (checkpoint_folder / INITIAL_RESULTS).is_file() and not (run_dir.parent / INITIAL_RESULTS).is_file():
+        shutil.copy2(checkpoint_folder / INITIAL_RESULTS, run_dir.parent / INITIAL_RESULTS)
     state_file = checkpoint_folder / STATE_FILE
     return json.loads(state_file.read_text()) if state_file.is_file() else {}
 
@@ -171,8 +215,10 @@ def run_pretrain_trial(flat: Mapping[str, Any], work_dir: str | Path, report: Re
     run_dir = work_dir / "run"
     cache = ImageCache.open(trial.cache)
     rows = pretrain_rows(cache, trial.pretrain_subset)
-    judge = ProbeJudge(cache, load_episodes(trial.episodes), trial, _device(config))
+    eval_cache = cache if trial.eval_cache in ("", trial.cache) else ImageCache.open(trial.eval_cache)
+    judge = ProbeJudge(eval_cache, load_episodes(trial.episodes), trial, _device(config))
     state: dict[str, Any] = {}
+    remove_staging(work_dir)  # left by a killed run of this trial
     if restore_from is not None:
         state = restore_into(run_dir, Path(restore_from))
     if "objective" not in state:
@@ -191,8 +237,10 @@ def run_pretrain_trial(flat: Mapping[str, Any], work_dir: str | Path, report: Re
             backbone = load_backbone(checkpoint)
             objective, table = judge(backbone)
             state.update(objective=objective, objective_epoch=metrics["epoch"], epoch=metrics["epoch"])
-            folder = _write_checkpoint_dir(Path(tempfile.mkdtemp(prefix="ckpt-", dir=work_dir)),
-                                           Path(checkpoint), backbone, table, dict(state))
+            remove_staging(work_dir)  # the previous report has returned: Tune holds its copy
+            folder = _write_checkpoint_dir(Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=work_dir)),
+                                           Path(checkpoint), backbone, table, dict(state),
+                                           carried=(run_dir / METRICS_FILE, work_dir / INITIAL_RESULTS))
         reason = collapse_reason(metrics, health, metrics["epoch"])
         out = {**metrics, **state["objective"], **state["initial"], "objective_epoch": state["objective_epoch"],
                "final": metrics["epoch"] >= config.train.epochs}
@@ -206,7 +254,11 @@ def run_pretrain_trial(flat: Mapping[str, Any], work_dir: str | Path, report: Re
 
     work_dir.mkdir(parents=True, exist_ok=True)
     try:
-        result = pretrain(config, cache.images, run_dir, rows=rows, callback=on_epoch, resume=True)
+        # Without a Tune checkpoint the trial starts afresh, even if its folder holds engine
+        # checkpoints of an earlier attempt (Tune restarts a trial whose checkpoint it had not
+        # recorded when the driver died): they belong to a run Tune has forgotten.
+        result = pretrain(config, cache.images, run_dir, rows=rows, callback=on_epoch,
+                          resume=restore_from is not None)
     except DivergenceError as err:
         out = {**last, **state["objective"], **state["initial"], "trial_status": "diverged",
                "divergence": str(err), "final": True}

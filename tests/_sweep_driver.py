@@ -6,7 +6,6 @@ whether a trial was rerun from scratch or continued from its checkpoint.
 
 import argparse
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -38,6 +37,8 @@ def synthetic_trainable(config):
         return
     for iteration in range(start + 1, ITERATIONS + 1):
         time.sleep(config["sleep"])
+        if config.get("fail_unseeded") and abs(x - 0.3) > 1e-12 and iteration == 2:
+            raise RuntimeError(f"synthetic failure of x={x:.3f} at iteration {iteration}")
         objective = 1.0 - (x - 0.3) ** 2 - 0.1 / iteration
         with tempfile.TemporaryDirectory() as d:
             (Path(d) / "state.json").write_text(json.dumps({"iteration": iteration}))
@@ -58,12 +59,13 @@ def main():
     parser.add_argument("--diverge-above", type=float, default=None)
     parser.add_argument("--address", default=None)
     parser.add_argument("--concurrent", type=int, default=2)
+    parser.add_argument("--fail-unseeded", action="store_true", help="trials off the seed point raise at iteration 2")
     args = parser.parse_args()
     spec = SweepSpec(
         name="synthetic",
         trainable=synthetic_trainable,
         param_space={"x": tune.uniform(0.0, 1.0), "markers": args.markers, "sleep": args.sleep,
-                     "diverge_above": args.diverge_above},
+                     "diverge_above": args.diverge_above, "fail_unseeded": args.fail_unseeded},
         metric="objective", mode="max", num_samples=args.samples, max_concurrent=args.concurrent,
         points_to_evaluate=[{"x": 0.3}], seed=0, asha=False, max_t=ITERATIONS,
     )

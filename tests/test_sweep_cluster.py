@@ -14,11 +14,15 @@ import pytest
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
+from _sweep_fixtures import remove_ray_tmpdir, short_ray_tmpdir  # noqa: E402
+
 DRIVER = Path(__file__).with_name("_sweep_driver.py")
 
 
 @pytest.mark.slow
-def test_sweep_runs_across_two_nodes(tmp_path):
+def test_sweep_runs_across_two_nodes(tmp_path, monkeypatch):
+    ray_tmp = short_ray_tmpdir()  # both raylets' session files, removed below
+    monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
                                                             "object_store_memory": 128 * 1024**2})
     try:
@@ -42,3 +46,4 @@ def test_sweep_runs_across_two_nodes(tmp_path):
         assert len(children) == 4
     finally:
         cluster.shutdown()
+        remove_ray_tmpdir(ray_tmp)

@@ -15,6 +15,8 @@ import mlflow
 import optuna
 import pytest
 
+from _sweep_fixtures import remove_ray_tmpdir, short_ray_tmpdir, subprocess_env
+
 DRIVER = Path(__file__).with_name("_sweep_driver.py")
 
 
@@ -23,15 +25,18 @@ def _driver(tmp_path: Path, *extra: str) -> list[str]:
             "--uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--markers", str(tmp_path / "markers"), *extra]
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
-    env["RAY_DEDUP_LOGS"] = "0"
-    return env
+@pytest.fixture
+def ray_tmp():
+    path = short_ray_tmpdir()
+    yield path
+    remove_ray_tmpdir(path)
 
 
 @pytest.mark.slow
-def test_killed_sweep_resumes_exactly(tmp_path):
+def test_killed_sweep_resumes_exactly(tmp_path, ray_tmp):
+    def _env() -> dict[str, str]:
+        return subprocess_env(tmp_path / "cache", ray_tmp, RAY_DEDUP_LOGS="0")
+
     markers = tmp_path / "markers"
     proc = subprocess.Popen(_driver(tmp_path), env=_env(), start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -28,14 +28,19 @@ def _load_sweep_script(name: str):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
+    from _sweep_fixtures import remove_ray_tmpdir, short_ray_tmpdir
+
     path = tmp_path_factory.mktemp("sweep")
+    ray_tmp = short_ray_tmpdir()  # Ray's session files, removed below instead of left in /tmp/ray
     mp = pytest.MonkeyPatch()
     mp.setenv("CXRTUNE_CACHE", str(path / "cache"))
+    mp.setenv("RAY_TMPDIR", ray_tmp)
     mp.chdir(path)
     yield path
-    mp.undo()
     if ray.is_initialized():
         ray.shutdown()
+    mp.undo()
+    remove_ray_tmpdir(ray_tmp)
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,16 @@ from pathlib import Path
 from ray import tune
 
 from cxrtune.trial import run_fewshot_trial
+from trainables._log import trial_folder, trial_log
 from trainables._resources import apply_trial_resources
 
 
 def fewshot_trainable(config: dict) -> None:
     apply_trial_resources()
-    out_dir = Path(tune.get_context().get_trial_dir())
+    out_dir = trial_folder()
 
     def report(metrics: dict, folder: Path | None) -> None:
         tune.report(metrics)
 
-    run_fewshot_trial(config, report, out_dir)
+    with trial_log():
+        run_fewshot_trial(config, report, out_dir)

@@ -2,30 +2,37 @@
 
 Reports every epoch (SSL loss, collapse monitors, images/s and the latest probe objective) and
 saves a ``tune.Checkpoint`` whenever the engine writes one; resumes from ``tune.get_checkpoint()``.
+What the trial prints goes to ``<trial>/trial.log``.
 """
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 from ray import tune
 
 from cxrtune.trial import run_pretrain_trial
+from trainables._log import trial_folder, trial_log
 from trainables._resources import apply_trial_resources
 
 
 def pretrain_trainable(config: dict) -> None:
     apply_trial_resources()
+    with trial_log():
+        _pretrain(config)
 
+
+def _pretrain(config: dict) -> None:
     def report(metrics: dict, folder: Path | None) -> None:
         checkpoint = tune.Checkpoint.from_directory(str(folder)) if folder is not None else None
         tune.report(metrics, checkpoint=checkpoint)
 
-    work_dir = Path(tune.get_context().get_trial_dir()) / "work"
+    work_dir = trial_folder() / "work"
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
+        print(f"trial {tune.get_context().get_trial_id()}: starting in {work_dir}", flush=True)
         run_pretrain_trial(config, work_dir, report)
         return
+    print(f"trial {tune.get_context().get_trial_id()}: continuing from {checkpoint.path}", flush=True)
     with checkpoint.as_directory() as restored:
         run_pretrain_trial(config, work_dir, report, restore_from=restored)

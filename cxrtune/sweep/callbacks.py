@@ -33,11 +33,12 @@ def trial_status(result: dict[str, Any] | None, failed: bool) -> str:
 
 class MlflowSweepCallback(LoggerCallback):
     def __init__(self, sweep_name: str, tracking_uri: str | None = None, experiment: str | None = None,
-                 tags: dict[str, str] | None = None) -> None:
+                 tags: dict[str, str] | None = None, params: dict[str, Any] | None = None) -> None:
         self.sweep_name = sweep_name
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.tags = dict(tags or {})
+        self.params = dict(params or {})
         self._tracker: SweepTracker | None = None
         self._last: dict[str, dict[str, Any]] = {}
 
@@ -53,6 +54,8 @@ class MlflowSweepCallback(LoggerCallback):
             self._tracker = SweepTracker(self.sweep_name, experiment=self.experiment, uri=self.tracking_uri)
             if self.tags:
                 self._tracker.set_tags(self._tracker.parent_run_id, self.tags)
+            if getattr(self, "params", None):  # absent in callbacks pickled by older sweeps
+                self._tracker.log_params(self._tracker.parent_run_id, self.params)
         return self._tracker
 
     def setup(self, *args, **kwargs) -> None:
@@ -75,20 +78,33 @@ class MlflowSweepCallback(LoggerCallback):
         result = self._last.get(trial.trial_id) or getattr(trial, "last_result", None)
         status = trial_status(result, failed)
         run_id = self.tracker.child_run(trial.trial_id)
-        trial_dir = Path(trial.local_path) if getattr(trial, "local_path", None) else None
-        if trial_dir is not None and trial_dir.is_dir():
-            self._log_trial_files(run_id, trial_dir)
+        folders = trial_folders(trial)
+        if folders:
+            self._log_trial_files(run_id, folders)
+        # Staged checkpoint copies left by the trial's last report (or by a killed run): in the
+        # driver's staging folder and in the storage folder Tune has already synced it to.
+        from cxrtune.trial import remove_staging
+
+        for folder in folders:
+            remove_staging(folder / "work")
         self.tracker.end_trial(trial.trial_id, status)
 
-    def _log_trial_files(self, run_id: str, trial_dir: Path) -> None:
+    def _log_trial_files(self, run_id: str, folders: list[Path]) -> None:
         """The trial's config, results tables and a training-curve plot as run artifacts."""
-        for name in ("params.json", "result.json", "results.parquet", "work/run/metrics.jsonl",
-                     "work/initial_probe_results.parquet"):
-            if (trial_dir / name).is_file():
-                self.tracker.log_artifacts(run_id, trial_dir / name)
-        checkpoints = sorted(trial_dir.glob("checkpoint_*/probe_results.parquet"))
-        if checkpoints:
-            self.tracker.log_artifacts(run_id, checkpoints[-1], "last_checkpoint")
+        checkpoints = sorted((c for f in folders for c in f.glob("checkpoint_*") if c.is_dir()),
+                             key=lambda c: c.name)
+        for name, fallback in (("params.json", None), ("result.json", None), ("results.parquet", None),
+                               ("work/run/metrics.jsonl", "metrics.jsonl"),
+                               ("work/initial_probe_results.parquet", "initial_probe_results.parquet")):
+            found = [f / name for f in folders if (f / name).is_file()]
+            # a trial that ran on another node left its work folder there: its checkpoint carries a copy
+            if not found and fallback and checkpoints and (checkpoints[-1] / fallback).is_file():
+                found = [checkpoints[-1] / fallback]
+            if found:
+                self.tracker.log_artifacts(run_id, found[0])
+        if checkpoints and (checkpoints[-1] / "probe_results.parquet").is_file():
+            self.tracker.log_artifacts(run_id, checkpoints[-1] / "probe_results.parquet", "last_checkpoint")
+        trial_dir = next((f for f in folders if (f / "result.json").is_file()), folders[0])
         try:
             plot = plot_trial(trial_dir)
         except Exception:  # a plot must never fail a sweep
@@ -112,6 +128,17 @@ class MlflowSweepCallback(LoggerCallback):
         unfinished = any(t.status in ("PENDING", "RUNNING", "PAUSED") for t in trials)
         if not unfinished:
             self.tracker.end_sweep("FINISHED")
+
+
+def trial_folders(trial) -> list[Path]:
+    """The trial's folders the driver can read: Tune's staging copy on the driver (``local_path``,
+    where the driver's loggers write) and the sweep folder in storage (``path``, where checkpoints
+    are persisted and the staging copy is synced to)."""
+    folders: list[Path] = []
+    for value in (getattr(trial, "local_path", None), getattr(trial, "path", None)):
+        if value and Path(value).is_dir() and Path(value) not in folders:
+            folders.append(Path(value))
+    return folders
 
 
 def plot_trial(trial_dir: Path) -> Path | None:

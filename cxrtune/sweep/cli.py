@@ -3,10 +3,13 @@
 A sweep script declares a :class:`PretrainSweep` (method, search space, the study's setting as
 the seed point, objective) and calls :func:`main`. The driver then
 
-1. builds (or reuses) the image cache of the source, once, before any trial starts;
-2. samples the validation episodes once into ``<sweep>/episodes.parquet`` (every trial and every
-   resume sees the same ones);
-3. runs the Tune sweep (Optuna TPE, ASHA on the downstream objective, MLflow tracking);
+1. builds (or reuses) the image caches, once, before any trial starts: the pretraining source's
+   (``--source``) and, when validation uses another archive (``--eval-source``, e.g. pretrain on
+   NIH and validate on PadChest as the study did), the evaluation source's;
+2. samples the validation episodes once, from the evaluation source, into
+   ``<sweep>/episodes.parquet`` (every trial and every resume sees the same ones);
+3. runs the Tune sweep (Optuna TPE, ASHA on the downstream objective, MLflow tracking); Ray's own
+   console output goes to ``<sweep>/ray-console.log`` unless ``--verbose``;
 4. prints the table of trials, the best trial's objective next to random init's on the same
    episodes with the 95 % CI of the paired difference, and exports the best checkpoint.
 """
@@ -15,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from cxrtune.errors import CxrtuneError
+from cxrtune.sweep.console import CONSOLE_LOG
 
 #: Per profile: the engine profile, the sweep budget and the data scale. ``note`` says what a run
 #: of this size can and cannot show.
@@ -94,6 +96,7 @@ def build_parser(sweep: PretrainSweep) -> argparse.ArgumentParser:
     parser.add_argument("--source", default="phantom", help="data source: phantom (embedded), nih, padchest, csv")
     parser.add_argument("--root", default=None, help="folder of the source's files")
     parser.add_argument("--option", "-o", action="append", metavar="KEY=VALUE", help="source option, repeatable")
+    add_eval_source_arguments(parser)
     parser.add_argument("--num-samples", type=int, default=None, help="trials to run (default: the profile's)")
     parser.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: the profile's)")
     parser.add_argument("--name", default=None, help=f"sweep name, the folder under --storage (default: {sweep.name})")
@@ -107,7 +110,17 @@ def build_parser(sweep: PretrainSweep) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the Optuna sampler")
     parser.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
                         help="stop starting trials after this many minutes (running ones are stopped too)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's own progress tables and logs here instead of in <sweep>/ray-console.log")
     return parser
+
+
+def add_eval_source_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--eval-source", default=None,
+                        help="source of the validation episodes and the probe's images (default: --source)")
+    parser.add_argument("--eval-root", default=None, help="folder of the evaluation source's files")
+    parser.add_argument("--eval-option", action="append", metavar="KEY=VALUE",
+                        help="evaluation source option, repeatable")
 
 
 def _profile_config(sweep: PretrainSweep, profile: dict[str, Any], sets: dict[str, Any]) -> dict[str, Any]:
@@ -117,26 +130,91 @@ def _profile_config(sweep: PretrainSweep, profile: dict[str, Any], sets: dict[st
     return config.to_flat()
 
 
-def prepare_data(args: argparse.Namespace, profile: dict[str, Any], folder: Path):
-    """Build the cache and sample the episodes once, in the driver."""
-    from cxrtune.cli import parse_options
-    from cxrtune.data.cache import get_cache
-    from cxrtune.data.sources.base import make_source
-    from cxrtune.data.tasks import load_episodes, sample_episodes, save_episodes
+@dataclasses.dataclass
+class SweepData:
+    """What the driver prepares before Ray starts: the pretraining images, the evaluation images
+    (the same source and cache unless ``--eval-source`` names another) and the episodes."""
 
-    options = parse_options(args.option)
-    if args.source == "phantom":
+    source: Any
+    cache: Any
+    eval_source: Any
+    eval_cache: Any
+    episodes: pd.DataFrame
+    episodes_path: Path
+
+    @property
+    def separate_eval(self) -> bool:
+        return Path(self.eval_cache.path) != Path(self.cache.path)
+
+    def describe(self) -> str:
+        if not self.separate_eval:
+            return (f"data: {self.source.name}, {len(self.cache)} cached images at {self.cache.size} px, "
+                    f"{len(self.episodes)} validation episodes")
+        return (f"data: pretraining on {self.source.name} ({len(self.cache)} cached images at {self.cache.size} px), "
+                f"validating on {self.eval_source.name} ({len(self.eval_cache)} cached images, "
+                f"{len(self.episodes)} episodes over {self.episodes['disease'].nunique()} findings)")
+
+
+def _make_source(name: str, root: str | None, pairs: list[str] | None, flag: str, profile: dict[str, Any]):
+    from cxrtune.cli import parse_options
+    from cxrtune.data.sources.base import make_source
+
+    options = parse_options(pairs, flag)
+    if name == "phantom":
         options = {**profile["phantom"], **options}
-    source = make_source(args.source, args.root, **options)
+    return make_source(name, root, **options)
+
+
+def _sample_episodes(source, cache, profile: dict[str, Any], flag: str) -> pd.DataFrame:
+    from cxrtune.data.tasks import sample_episodes
+    from cxrtune.errors import TaskError
+
+    where = f"{flag} {source.name}" + (f" (root {source.root})" if getattr(source, "root", None) else "")
+    try:
+        pool = source.task_pool(cache.index)
+    except TaskError as err:
+        raise CxrtuneError(f"{where} defines no few-shot task to validate on: {err}; "
+                           "pass --eval-source with a labelled archive (e.g. padchest, nih or csv)") from err
+    if not pool.tasks:
+        raise CxrtuneError(
+            f"{where} defines no few-shot task to validate on: none of its {len(cache)} images' labels has "
+            "enough single-label training and validation positives; pass --eval-source with a labelled "
+            "archive (e.g. padchest, nih or csv)")
+    return sample_episodes(pool, shots=profile["shots"], trials=profile["trials"])
+
+
+def prepare_data(args: argparse.Namespace, profile: dict[str, Any], folder: Path) -> SweepData:
+    """Build the caches and sample the episodes once, in the driver."""
+    from cxrtune.data.cache import get_cache
+    from cxrtune.data.tasks import load_episodes, save_episodes
+
+    source = _make_source(args.source, args.root, args.option, "--option", profile)
     cache = get_cache(source, size=profile["cache_size"], progress=True)
+    eval_name = getattr(args, "eval_source", None)
+    eval_root = getattr(args, "eval_root", None)
+    eval_pairs = getattr(args, "eval_option", None)
+    if eval_name is None and (eval_root is not None or eval_pairs):
+        raise CxrtuneError("--eval-root and --eval-option describe an evaluation source: pass --eval-source NAME too")
+    if eval_name is None:
+        eval_source, eval_cache, flag = source, cache, "--source"
+    else:
+        eval_source = _make_source(eval_name, eval_root, eval_pairs, "--eval-option", profile)
+        eval_cache = get_cache(eval_source, size=profile["cache_size"], progress=True)
+        flag = "--eval-source"
     episodes_path = folder / "episodes.parquet"
     if episodes_path.is_file():
         episodes = load_episodes(episodes_path)
+        known = set(eval_cache.index["image_id"])
+        foreign = [i for ids in episodes["test_ids"] for i in ids if i not in known]
+        if foreign:
+            raise CxrtuneError(
+                f"{episodes_path} refers to image {foreign[0]!r}, which {flag} {eval_source.name} does not "
+                f"hold: the sweep was started with another evaluation source; resume it with the same "
+                f"--eval-source, or start a new sweep with --name")
     else:
-        pool = source.task_pool(cache.index)
-        episodes = sample_episodes(pool, shots=profile["shots"], trials=profile["trials"])
+        episodes = _sample_episodes(eval_source, eval_cache, profile, flag)
         save_episodes(episodes, episodes_path)
-    return source, cache, episodes, episodes_path
+    return SweepData(source, cache, eval_source, eval_cache, episodes, episodes_path)
 
 
 def main(sweep: PretrainSweep, argv: list[str] | None = None) -> int:
@@ -159,11 +237,13 @@ def run(sweep: PretrainSweep, args: argparse.Namespace) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     started = time.time()
     print(f"sweep {name}: profile {args.profile} ({profile['note']})")
-    source, cache, episodes, episodes_path = prepare_data(args, profile, folder)
-    print(f"data: {source.name}, {len(cache)} cached images at {cache.size} px, {len(episodes)} validation episodes")
+    data = prepare_data(args, profile, folder)
+    print(data.describe())
 
     fixed = _profile_config(sweep, profile, parse_options(args.set, "--set"))
-    fixed.update({"trial.cache": str(cache.path), "trial.episodes": str(episodes_path),
+    fixed.update({"trial.cache": str(data.cache.path), "trial.episodes": str(data.episodes_path),
+                  "trial.eval_cache": str(data.eval_cache.path), "trial.source": data.source.name,
+                  "trial.eval_source": data.eval_source.name,
                   "trial.probe_input_size": profile["probe_input_size"]})
     unknown = [k for k in sweep.space if k not in fixed]
     if unknown:
@@ -182,11 +262,15 @@ def run(sweep: PretrainSweep, args: argparse.Namespace) -> int:
         points_to_evaluate=[seed_point] if seed_point else [], seed=args.seed, asha=True,
         time_budget_s=args.time_budget * 60 if args.time_budget else None,
         max_t=int(fixed["train.epochs"]), grace_period=min(profile["grace_period"], int(fixed["train.epochs"])),
-        tags={"cxrtune.method": sweep.method, "cxrtune.profile": args.profile, "cxrtune.source": source.name},
+        tags={"cxrtune.method": sweep.method, "cxrtune.profile": args.profile, "cxrtune.source": data.source.name,
+              "cxrtune.eval_source": data.eval_source.name},
+        params=_data_params(data),
     )
+    if not args.verbose:
+        print(f"Ray's own output: {folder / CONSOLE_LOG} (--verbose shows it here)")
     results = run_sweep(spec, resume=args.resume, storage=args.storage, tracking_uri=args.tracking_uri,
-                        address=args.address, num_cpus=args.cpus)
-    summary = summarise(results, sweep, spec, folder)
+                        address=args.address, num_cpus=args.cpus, verbose=1 if args.verbose else 0)
+    summary = summarise(results, sweep, spec, folder, data)
     print(summary["text"])
     print(f"sweep folder: {folder}; wall time {time.time() - started:.0f} s")
     return 0
@@ -215,8 +299,12 @@ def paired_difference(best_dir: Path, objective: str, seed: int = 0) -> dict[str
     objective's shot count with a 95 % bootstrap CI over the per-disease mean differences."""
     from cxrtune.evaluate.stats import bootstrap_ci
 
+    from cxrtune.trial import INITIAL_RESULTS
+
     best = best_dir / "probe_results.parquet"
-    initial = best_dir.parent / "work" / "initial_probe_results.parquet"
+    initial = best_dir / INITIAL_RESULTS  # carried in the checkpoint (on a cluster, work/ stays on the node)
+    if not initial.is_file():
+        initial = best_dir.parent / "work" / INITIAL_RESULTS
     if not best.is_file() or not initial.is_file():
         return None
     shots = int(objective.rsplit("_", 1)[1].replace("shot", ""))
@@ -231,11 +319,22 @@ def paired_difference(best_dir: Path, objective: str, seed: int = 0) -> dict[str
             "difference": float(diff.mean()), "ci_low": low, "ci_high": high, "diseases": int(diff.size)}
 
 
-def summarise(results, sweep: PretrainSweep, spec, folder: Path) -> dict[str, Any]:
+def _data_params(data: SweepData) -> dict[str, Any]:
+    """The sweep's data, as params of its MLflow parent run."""
+    return {"data.source": data.source.name, "data.root": str(data.source.root or ""),
+            "data.cache": str(data.cache.path), "data.eval_source": data.eval_source.name,
+            "data.eval_root": str(data.eval_source.root or ""), "data.eval_cache": str(data.eval_cache.path),
+            "data.episodes": len(data.episodes), "data.findings": int(data.episodes["disease"].nunique())}
+
+
+def summarise(results, sweep: PretrainSweep, spec, folder: Path, data: SweepData | None = None) -> dict[str, Any]:
     from cxrtune.export import export_best
 
     table = trials_table(results, sweep)
     lines = ["", "trials:", table.to_string(index=False, float_format=lambda v: f"{v:.4g}"), ""]
+    if data is not None:
+        lines.insert(1, f"pretrained on {data.source.name}, validated on {data.eval_source.name} "
+                        f"({len(data.episodes)} episodes over {data.episodes['disease'].nunique()} findings)")
     scored = table.dropna(subset=[sweep.objective])
     summary: dict[str, Any] = {"table": table}
     if scored.empty:

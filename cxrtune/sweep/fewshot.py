@@ -72,6 +72,8 @@ def build_parser(sweep: FewshotSweep) -> argparse.ArgumentParser:
     parser.add_argument("--cpu", type=float, default=1.0, help="CPU share per trial")
     parser.add_argument("--cpus", type=int, default=None, help="CPUs Ray may use on this machine")
     parser.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: as resources allow)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's own progress tables and logs here instead of in <sweep>/ray-console.log")
     return parser
 
 
@@ -164,7 +166,8 @@ def run(sweep: FewshotSweep, args: argparse.Namespace) -> int:
     evaluators = [e.strip() for e in args.evaluators.split(",") if e.strip()]
     data_profile = {"phantom": profile["phantom"], "cache_size": profile["cache_size"], "shots": profile["shots"],
                     "trials": profile["trials"]}
-    source, cache, episodes, episodes_path = prepare_data(args, data_profile, folder)
+    data = prepare_data(args, data_profile, folder)
+    source, cache, episodes, episodes_path = data.eval_source, data.eval_cache, data.episodes, data.episodes_path
     print(f"sweep {name}: {len(entries)} backbones x {len(evaluators)} evaluators on {len(episodes)} episodes "
           f"({profile['note']})")
     grid = [{"backbone.init": e["init"], "backbone.arch": e["arch"], "backbone.weights": e["weights"],
@@ -181,9 +184,9 @@ def run(sweep: FewshotSweep, args: argparse.Namespace) -> int:
     spec = SweepSpec(name=name, trainable=fewshot_trainable, param_space=param_space, metric="mean_auroc",
                      mode="max", num_samples=1, max_concurrent=args.max_concurrent or len(grid),
                      resources=resources, search="grid", asha=False,
-                     tags={"cxrtune.kind": "fewshot", "cxrtune.source": source.name})
+                     tags={"cxrtune.kind": "fewshot", "cxrtune.source": source.name}, console_keys=())
     results = run_sweep(spec, resume=args.resume, storage=args.storage, tracking_uri=args.tracking_uri,
-                        address=args.address, num_cpus=args.cpus)
+                        address=args.address, num_cpus=args.cpus, verbose=1 if args.verbose else 0)
     table = collect_results(results)
     table.to_parquet(folder / "results.parquet", index=False)
     print(report(table, [e["label"] for e in entries if e["init"] in ("random", "imagenet")]))

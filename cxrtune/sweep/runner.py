@@ -23,6 +23,7 @@ from ray.tune.search import ConcurrencyLimiter
 
 from cxrtune.errors import ConfigError, CxrtuneError
 from cxrtune.sweep.callbacks import MlflowSweepCallback
+from cxrtune.sweep.console import CONSOLE_LOG, ConsoleCallback, RayConsole
 from cxrtune.sweep.optuna_state import ResumableOptunaSearch, fail_stale_running_trials
 
 DEFAULT_STORAGE = "./cxrtune-runs"
@@ -50,6 +51,10 @@ class SweepSpec:
     tags: dict[str, str] = dataclasses.field(default_factory=dict)
     #: "optuna" (TPE over the space) or "grid" (every combination of tune.grid_search entries)
     search: str = "optuna"
+    #: MLflow params of the sweep's parent run (e.g. the data sources)
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: result entries shown on the console line of each finished epoch (with the metric)
+    console_keys: tuple[str, ...] = ("ssl_loss", "feature_std")
 
     def __post_init__(self) -> None:
         if not self.name or any(c in self.name for c in "/\\ "):
@@ -85,14 +90,17 @@ def trial_resources(requested: dict[str, float]) -> dict[str, float]:
     return resources
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+def ensure_ray(address: str | None = None, num_cpus: int | None = None, log_to_driver: bool = True) -> None:
+    """Start (or join) Ray once per process. Without ``log_to_driver`` the workers' output stays
+    out of the driver's console (each trial keeps its own in ``<trial>/trial.log``): Ray forwards
+    it in batches, late enough to print after the sweep's summary otherwise."""
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address, include_dashboard=False, log_to_driver=True)
+        ray.init(address=address, include_dashboard=False, log_to_driver=log_to_driver)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=256 * 1024**2,
-                 log_to_driver=True)
+                 log_to_driver=log_to_driver)
 
 
 def _trial_dirname(trial) -> str:
@@ -103,7 +111,12 @@ def _trial_dirname(trial) -> str:
 def run_sweep(spec: SweepSpec, *, resume: bool = False, storage: str | os.PathLike | None = None,
               tracking_uri: str | None = None, address: str | None = None, num_cpus: int | None = None,
               verbose: int = 0) -> tune.ResultGrid:
-    """Run (or with ``resume`` continue) a sweep; returns Tune's ResultGrid."""
+    """Run (or with ``resume`` continue) a sweep; returns Tune's ResultGrid.
+
+    With ``verbose=0`` everything Ray, Optuna and MLflow print while the sweep runs goes to
+    ``<sweep>/ray-console.log`` and the console shows one line per finished epoch and trial (and
+    any trial's error); ``verbose >= 1`` leaves Ray's own progress output on the console.
+    """
     folder = sweep_dir(spec.name, storage)
     # Refuse before starting Ray: resuming nothing, or silently mixing a new sweep into an old one.
     if resume and not tune.Tuner.can_restore(str(folder)):
@@ -113,7 +126,15 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, storage: str | os.PathLi
             f"sweep {spec.name!r} already exists in {folder}: pass --resume to continue it, "
             "or choose another --name"
         )
-    ensure_ray(address, num_cpus)
+    folder.mkdir(parents=True, exist_ok=True)
+    log_path = None if verbose else folder / CONSOLE_LOG
+    with RayConsole(log_path):
+        return _run(spec, folder, resume, storage, tracking_uri, address, num_cpus, verbose, log_path)
+
+
+def _run(spec: SweepSpec, folder: Path, resume: bool, storage, tracking_uri, address, num_cpus, verbose,
+         log_path: Path | None) -> tune.ResultGrid:
+    ensure_ray(address, num_cpus, log_to_driver=bool(verbose))
     trainable = tune.with_resources(spec.trainable, trial_resources(spec.resources))
     study_url = optuna_url(spec.name, storage)
 
@@ -146,7 +167,8 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, storage: str | os.PathLi
             ),
             run_config=tune.RunConfig(
                 name=spec.name, storage_path=str(folder.parent), verbose=verbose,
-                callbacks=[MlflowSweepCallback(spec.name, tracking_uri, tags=spec.tags)],
+                callbacks=[MlflowSweepCallback(spec.name, tracking_uri, tags=spec.tags, params=spec.params),
+                           ConsoleCallback(spec.console_keys, spec.metric, str(log_path) if log_path else None)],
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 failure_config=tune.FailureConfig(max_failures=0),
             ),
