@@ -118,14 +118,12 @@ def experiment_state(folder: Path) -> dict[str, dict[str, Any]]:
 def infer_status(last: dict[str, Any] | None, tune_status: str | None) -> str:
     """A trial's cxrtune status (architecture.md) from its last report and Tune's status;
     ``running`` while Tune has not finished it."""
-    if tune_status == "ERROR":
-        return "errored"
+    from cxrtune.health import trial_status
+
     last = last or {}
-    reported = last.get("trial_status")
-    if reported in ("collapsed", "diverged", "errored"):
-        return reported
-    if last.get("final"):
-        return "completed"
+    finished = trial_status(last, failed=tune_status == "ERROR")
+    if finished != "pruned":
+        return finished
     if tune_status in ("RUNNING", "PENDING", "PAUSED") or (tune_status is None and not last.get("done")):
         return "running"
     return "pruned"

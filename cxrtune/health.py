@@ -47,3 +47,15 @@ def collapse_reason(metrics: Mapping[str, Any], config: HealthConfig, epoch: int
     if cosine is not None and config.max_mean_cosine < 1 and cosine > config.max_mean_cosine:
         return f"mean_cosine {cosine:.4g} > {config.max_mean_cosine:g}"
     return None
+
+
+def trial_status(result: dict | None, failed: bool) -> str:
+    """A finished trial's final status (completed | pruned | collapsed | diverged | errored) from
+    its last result; shared by the sweep's MLflow callback and the reports."""
+    if failed:
+        return "errored"
+    result = result or {}
+    status = result.get("trial_status")
+    if status in ("collapsed", "diverged", "errored"):
+        return status
+    return "completed" if result.get("final") else "pruned"

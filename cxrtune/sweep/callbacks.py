@@ -12,23 +12,13 @@ from typing import Any
 
 from ray.tune.logger import LoggerCallback
 
+from cxrtune.health import trial_status
 from cxrtune.tracking import SweepTracker
 
 #: keys of Tune's result dict that are bookkeeping, not metrics
 _SKIP = {"trial_id", "experiment_id", "date", "timestamp", "pid", "hostname", "node_ip", "config",
          "done", "should_checkpoint", "checkpoint_dir_name", "experiment_tag", "time_this_iter_s",
          "iterations_since_restore", "timesteps_since_restore", "time_since_restore"}
-
-
-def trial_status(result: dict[str, Any] | None, failed: bool) -> str:
-    """completed | pruned | collapsed | diverged | errored, from a trial's last result."""
-    if failed:
-        return "errored"
-    result = result or {}
-    status = result.get("trial_status")
-    if status in ("collapsed", "diverged", "errored"):
-        return status
-    return "completed" if result.get("final") else "pruned"
 
 
 class MlflowSweepCallback(LoggerCallback):

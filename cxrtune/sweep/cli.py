@@ -277,7 +277,7 @@ def run(sweep: PretrainSweep, args: argparse.Namespace) -> int:
 
 
 def trials_table(results, sweep: PretrainSweep) -> pd.DataFrame:
-    from cxrtune.sweep.callbacks import trial_status
+    from cxrtune.health import trial_status
 
     rows = []
     for result in results:

@@ -134,7 +134,7 @@ class ConsoleCallback(Callback):
         self._line(f"trial {trial.trial_id} epoch {epoch}: " + ", ".join(shown))
 
     def on_trial_complete(self, iteration: int, trials, trial, **info) -> None:
-        from cxrtune.sweep.callbacks import trial_status
+        from cxrtune.health import trial_status
 
         result = trial.last_result or {}
         status = trial_status(result, False)
