@@ -46,6 +46,7 @@ Why it is fast:
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -61,6 +62,7 @@ from cxrtune.evaluate.metrics import batched_accuracy, batched_auroc, batched_f1
 
 DEFAULT_CS = (0.01, 0.1, 1.0, 10.0, 100.0)
 _GATHER_BLOCK_ELEMENTS = 2 ** 18  # feature values gathered at once (2 MB in float64: stays in cache)
+_GEMM_IN_FEATURE_PRECISION = True
 _LINE_SEARCH_STEPS = torch.tensor([0.5 ** k for k in range(12)], dtype=torch.float64)
 
 
@@ -78,6 +80,9 @@ class ProbeConfig(Config):
     chunk: int = param(2 ** 19, low=1, doc="Gram entries solved per batch (problems x N^2); 4 MB keeps a batch's "
                        "matrices in cache (81 problems of 80 samples; measured fastest)")
     device: str = param("cpu", doc="torch device for the solver: cpu, cuda, cuda:1 or auto")
+    workers: int | None = param(None, low=1, doc="CPU threads that each solve a share of the episodes, torch "
+                                "itself held to one thread meanwhile; None = min(2, torch.get_num_threads()); "
+                                "a GPU runs the grid as one stream")
 
     def validate(self) -> None:
         if not self.Cs:
@@ -358,14 +363,17 @@ def _row_norms(x: torch.Tensor, what: str) -> torch.Tensor:
     Computed a block of rows at a time: a float64 copy of the whole matrix would cost more than
     the arithmetic.
     """
-    finite = torch.empty(x.shape[0], dtype=torch.bool, device=x.device)
     norms = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
     step = max(1, _GATHER_BLOCK_ELEMENTS // max(1, x.shape[1]))
     for start in range(0, x.shape[0], step):
-        block = x[start: start + step].to(torch.float64)
-        finite[start: start + step] = torch.isfinite(block).all(1)
-        norms[start: start + step] = torch.linalg.vector_norm(block, dim=1)
+        norms[start: start + step] = torch.linalg.vector_norm(x[start: start + step].to(torch.float64), dim=1)
+    finite = torch.isfinite(norms)  # a NaN or inf entry makes its row's norm NaN or inf: one check per row
     if not bool(finite.all()):
+        overflow = torch.nonzero(~finite).flatten()[:5].tolist()
+        finite = torch.isfinite(x).all(1)
+        if bool(finite.all()):
+            raise DataError(f"{what}: feature rows {overflow} have norms beyond the float64 range; "
+                            "rescale the features (their scale does not matter to the probe)")
         bad = torch.nonzero(~finite).flatten()[:5].tolist()
         raise DataError(
             f"{what}: {int((~finite).sum())} of {x.shape[0]} feature rows contain NaN or inf "
@@ -419,9 +427,30 @@ def fit_probes(features: np.ndarray | torch.Tensor, episodes: pd.DataFrame, row_
     by_size: dict[int, list[int]] = {}
     for e, (train, *_rest) in enumerate(arrays):
         by_size.setdefault(len(train), []).append(e)
-    for size, members in sorted(by_size.items()):
-        for e, row in zip(members, _fit_group(x, inv_norm, [arrays[e] for e in members], config, device)):
+    workers = 1 if device.type != "cpu" else config.workers or min(2, torch.get_num_threads())
+    # Each training size splits into `workers` equal shares of episodes, the largest sizes first,
+    # so the threads finish together; every episode's arithmetic is the same in any share.
+    shares = [share for _, members in sorted(by_size.items(), reverse=True)
+              for share in np.array_split(np.asarray(members), min(workers, len(members)))]
+
+    def solve(share: np.ndarray) -> None:
+        for e, row in zip(share, _fit_group(x, inv_norm, [arrays[e] for e in share], config, device)):
             results[e] = row
+
+    if workers == 1:
+        for share in shares:
+            solve(share)
+    else:
+        # Data parallelism: with one intra-op thread each op runs in the calling thread, and torch
+        # releases the GIL inside it; intra-op threading costs more than it gains on these small ops.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(workers, thread_name_prefix="probe") as pool:
+                for done in [pool.submit(solve, share) for share in shares]:
+                    done.result()
+        finally:
+            torch.set_num_threads(threads)
     frame = episodes[["disease", "shots", "n", "trial"]].reset_index(drop=True).copy()
     extra = pd.DataFrame(results)
     return pd.concat([frame, extra], axis=1)
@@ -448,12 +477,14 @@ def _fit_group(x: torch.Tensor, inv_norm: torch.Tensor, group: Sequence[tuple], 
     # precision, so that the block is still in cache for the product: one gather of every
     # episode's rows would write hundreds of MB of fresh memory and cost more than the products.
     rows = torch.cat([train_idx, test_idx], 1)
-    products = torch.empty(G, T + M, T, dtype=torch.float64, device=device)
+    gemm_dtype = x.dtype if _GEMM_IN_FEATURE_PRECISION else torch.float64
+    products = torch.empty(G, T + M, T, dtype=gemm_dtype, device=device)
     per_block = max(1, _GATHER_BLOCK_ELEMENTS // ((T + M) * x.shape[1]))
     for start in range(0, G, per_block):
         chunk = rows[start: start + per_block]
-        block = torch.index_select(x, 0, chunk.flatten()).view(len(chunk), T + M, -1).to(torch.float64)
+        block = torch.index_select(x, 0, chunk.flatten()).view(len(chunk), T + M, -1).to(gemm_dtype)
         torch.bmm(block, block[:, :T].transpose(1, 2), out=products[start: start + per_block])
+    products = products.to(torch.float64)
     products *= inv_norm[rows][:, :, None] * inv_norm[train_idx][:, None, :]
     gram, cross = products[:, :T].contiguous(), products[:, T:]
 
