@@ -52,11 +52,9 @@ def main() -> None:
     from cxrtune.data.tasks import sample_episodes
     from cxrtune.engine import profiles
     from cxrtune.engine.train import pretrain
-    from cxrtune.evaluate.features import PreprocessConfig, ExtractConfig, extract_features
-    from cxrtune.evaluate.probe import ProbeConfig, fit_probes
     from cxrtune.evaluate.stats import bootstrap_ci
     from cxrtune.models.backbone import build_backbone
-    from cxrtune.trial import pretrain_rows
+    from cxrtune.trial import ProbeJudge, TrialConfig, pretrain_rows
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -77,15 +75,11 @@ def main() -> None:
     result = pretrain(config, cache.images, out / "run", rows=rows, progress=True)
     minutes = (time.time() - started) / 60
 
-    row_of_id = dict(zip(cache.index["image_id"], cache.index["cache_row"].astype(int)))
-    ids = sorted({i for col in ("train_ids", "test_ids") for ids in episodes[col] for i in ids})
-    local = {image_id: k for k, image_id in enumerate(ids)}
-    cache_rows = np.array([row_of_id[i] for i in ids], dtype=np.int64)
-    prep = PreprocessConfig(input_size=args.size, crop_fraction=1.0)
+    # the sweeps' own judge: same rows, preprocessing (the whole cached image at --size) and probe
+    judge = ProbeJudge(cache, episodes, TrialConfig(probe_input_size=args.size, probe_crop_fraction=1.0), "cpu")
     tables = []
     for name, model in (("ssl", result.backbone), ("random", random_init)):
-        feats = extract_features(model, cache.images, cache_rows, prep, ExtractConfig(device="cpu"), what=name)
-        table = fit_probes(feats, episodes, local, ProbeConfig())
+        _, table = judge(model)
         table.insert(0, "backbone", name)
         tables.append(table)
     results = pd.concat(tables, ignore_index=True)
