@@ -5,7 +5,7 @@ Pretrains one method (default: MoCo v2 with the variance term, the engine's ``cp
 final backbone and the random-init ResNet18 it started from on the same few-shot episodes
 (20 shots by default, 10 trials per finding, logistic probe with C by cross-validation). The test
 set of every episode is all held-out labelled images: every validation positive of the finding
-against every validation normal image, so small gains resolve.
+against every other validation image (normal, or with another finding), so small gains resolve.
 
 Prints both means, the paired difference (SSL - random) with its 95 % bootstrap CI over the
 per-finding mean differences (the statistic the sweeps report), and the per-finding table; writes
@@ -49,7 +49,7 @@ def main() -> None:
     from cxrtune.cli import parse_options
     from cxrtune.data.cache import get_cache
     from cxrtune.data.sources.base import make_source
-    from cxrtune.data.tasks import sample_episodes
+    from cxrtune.data.tasks import sample_episodes, save_episodes
     from cxrtune.engine import profiles
     from cxrtune.engine.train import pretrain
     from cxrtune.evaluate.stats import bootstrap_ci
@@ -76,7 +76,10 @@ def main() -> None:
     minutes = (time.time() - started) / 60
 
     # the sweeps' own judge: same rows, preprocessing (the whole cached image at --size) and probe
-    judge = ProbeJudge(cache, episodes, TrialConfig(probe_input_size=args.size, probe_crop_fraction=1.0), "cpu")
+    save_episodes(episodes, out / "episodes.parquet")
+    trial = TrialConfig(cache=str(cache.path), episodes=str(out / "episodes.parquet"),
+                        probe_input_size=args.size, probe_crop_fraction=1.0)
+    judge = ProbeJudge(cache, episodes, trial, "cpu")
     tables = []
     for name, model in (("ssl", result.backbone), ("random", random_init)):
         _, table = judge(model)
