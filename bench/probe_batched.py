@@ -8,7 +8,8 @@ AUROCs sit in the study's range rather than at 1.0.
 
 Both sides run in this process on the same episodes and features, with the same thread count:
 
-* batched: ``cxrtune.evaluate.probe.fit_probes`` (torch, float64 solves);
+* batched: ``cxrtune.evaluate.probe.fit_probes`` (float64 solves; its default ``workers``, so
+  ``min(2, --threads)`` threads that split the episodes, each op on one thread);
 * reference: ``LogisticRegressionCV(Cs, cv=min(5, n), scoring=accuracy)`` per episode
   (``LogisticRegression(C=1)`` at one shot), scikit-learn's defaults otherwise (the study's probe),
   with BLAS limited to ``--sklearn-blas-threads`` (1 by default: on these small problems extra BLAS
@@ -20,12 +21,14 @@ over the mean of its two batched times, and the median over rounds is the headli
 ratio (CPU seconds of all threads, each side) is printed too, as other jobs inflate wall times
 unevenly. Prints wall
 times, the ratios, probes/s, and the agreement (mean and max |AUROC difference|, share of episodes
-where the chosen C differs). ``--breakdown`` adds where the batched CPU time goes (one thread).
+where the chosen C differs). ``--breakdown`` adds where the batched CPU time goes (one thread);
+``--ops`` times the solver's batched Cholesky and small products with torch and with numpy.
 Then times the batched probe alone at 512-d.
 
     python bench/probe_batched.py --threads 2
     python bench/probe_batched.py --threads 2 --sklearn-episodes 100   # time a subset of the loop
     python bench/probe_batched.py --threads 2 --separation 2.5         # harder tasks (AUROC ~0.69 at 50 shots)
+    python bench/probe_batched.py --threads 2 --workers 1              # torch's intra-op threads instead
 """
 
 from __future__ import annotations
@@ -54,6 +57,10 @@ def main() -> None:
                         help="alternated rounds of (batched, scikit-learn loop, batched); the median ratio counts")
     parser.add_argument("--breakdown", action="store_true", help="also print where the batched CPU time goes")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="ProbeConfig.workers: threads that split the episodes (default: min(2, --threads))")
+    parser.add_argument("--ops", action="store_true",
+                        help="also time the solver's batched Cholesky and small products, torch against numpy")
     args = parser.parse_args()
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(args.threads)
@@ -104,10 +111,11 @@ def main() -> None:
         x = np.maximum(x, 0)
         return x.astype(np.float32), {image_id: i for i, image_id in enumerate(index["image_id"])}
 
-    config = ProbeConfig(device=args.device)
+    config = ProbeConfig(device=args.device, workers=args.workers)
     x, row_of_id = features(args.dim)
+    workers = args.workers or min(2, args.threads)
     print(f"grid: {len(episodes)} probes ({args.diseases} diseases x shots 1/5/10/20/50 x {args.trials} trials), "
-          f"{args.dim}-d features, {args.threads} threads, device {args.device}")
+          f"{args.dim}-d features, {args.threads} threads, {workers} probe workers, device {args.device}")
 
     fit_probes(x[:, :64], episodes.head(20), row_of_id, config)  # warm-up (allocator, kernels)
     normalised = x.astype(np.float64)
@@ -175,6 +183,8 @@ def main() -> None:
 
     if args.breakdown:
         breakdown(fit_probes, x, episodes, row_of_id, config, args.threads)
+    if args.ops:
+        solver_ops(args.rounds)
     x_small, _ = features(args.small_dim, seed=1)
     small_times = []
     for _ in range(args.rounds):
@@ -189,12 +199,14 @@ def main() -> None:
 
 def breakdown(fit_probes, x, episodes, row_of_id, config, threads: int) -> None:
     """CPU seconds (one thread, so that the shares add up) of the batched grid by stage."""
+    import dataclasses
+
     import torch
 
     from cxrtune.evaluate import probe
 
     spent: dict[str, float] = {}
-    wrapped = {"kernel_newton": probe.kernel_newton, "cholesky": torch.linalg.cholesky_ex,
+    wrapped = {"kernel_newton": probe.kernel_newton, "cholesky": probe._cholesky, "matmul": probe._matmul,
                "triangular solves": torch.linalg.solve_triangular}
 
     def timed(name, f, key=None):
@@ -207,24 +219,58 @@ def breakdown(fit_probes, x, episodes, row_of_id, config, threads: int) -> None:
         return call
 
     probe.kernel_newton = timed("solver", wrapped["kernel_newton"], key=lambda g, *a: f"solver, {g.shape[1]} samples")
-    torch.linalg.cholesky_ex = timed("cholesky", wrapped["cholesky"])
+    probe._cholesky = timed("cholesky", wrapped["cholesky"])
+    probe._matmul = timed("small products", wrapped["matmul"])
     torch.linalg.solve_triangular = timed("triangular solves", wrapped["triangular solves"])
     torch.set_num_threads(1)
     try:
         start = time.process_time()
-        fit_probes(x, episodes, row_of_id, config)
+        fit_probes(x, episodes, row_of_id, dataclasses.replace(config, workers=1))
         total = time.process_time() - start
     finally:
         probe.kernel_newton = wrapped["kernel_newton"]
-        torch.linalg.cholesky_ex = wrapped["cholesky"]
+        probe._cholesky = wrapped["cholesky"]
+        probe._matmul = wrapped["matmul"]
         torch.linalg.solve_triangular = wrapped["triangular solves"]
         torch.set_num_threads(threads)
     solver = sum(v for k, v in spent.items() if k.startswith("solver"))
     print(f"CPU breakdown, one thread: total {total:.2f} s; Newton solves {solver:.2f} s ("
           + ", ".join(f"{k.split(', ')[1]}: {v:.2f}" for k, v in sorted(spent.items(), key=lambda kv: -kv[1])
                       if k.startswith("solver")) + f"), of which Cholesky {spent.get('cholesky', 0):.2f} s and "
-          f"triangular solves {spent.get('triangular solves', 0):.2f} s; inner products, fold set-up, "
-          f"scoring and checks {total - solver:.2f} s")
+          f"triangular solves {spent.get('triangular solves', 0):.2f} s; small products (solver and scoring) "
+          f"{spent.get('small products', 0):.2f} s; inner products, fold set-up, scoring and checks "
+          f"{total - solver:.2f} s")
+
+
+def solver_ops(rounds: int) -> None:
+    """The solver's batched Cholesky and small products at the 50-shot fold shape, torch against numpy."""
+    import numpy as np
+    import torch
+
+    problems, n = 81, 80  # one chunk of 50-shot cross-validation problems (ProbeConfig.chunk)
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(problems, n, 256))
+    system = rows @ rows.transpose(0, 2, 1) / 256 + np.eye(n)
+    rhs = rng.normal(size=(problems, n, 2))
+    t_system, t_rhs_rows = torch.from_numpy(system), torch.from_numpy(rhs.transpose(0, 2, 1).copy())
+
+    def per_call(f, repeats=50):
+        f()
+        best = float("inf")
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for _ in range(repeats):
+                f()
+            best = min(best, (time.perf_counter() - start) / repeats)
+        return best * 1e3
+
+    cases = [("Cholesky", lambda: torch.linalg.cholesky_ex(t_system), lambda: np.linalg.cholesky(system)),
+             # torch's faster layout for the right-hand sides: (problems, 2, N) passed transposed
+             ("products G @ (N, 2)", lambda: torch.bmm(t_system, t_rhs_rows.mT), lambda: np.matmul(system, rhs))]
+    for name, with_torch, with_numpy in cases:
+        a, b = per_call(with_torch), per_call(with_numpy)
+        print(f"{name:20s}: torch {a:.3f} ms, numpy {b:.3f} ms per {problems} problems of {n} samples, "
+              f"numpy {a / b:.1f} x faster (one thread, best of {rounds})")
 
 
 if __name__ == "__main__":

@@ -217,3 +217,67 @@ def test_probe_device_setting_runs_on_cuda_when_present_and_says_so_when_absent(
     automatic = fit_probes(features, part, row_of_id, ProbeConfig(device="auto"))
     assert automatic["C"].tolist() == on_cpu["C"].tolist()
     np.testing.assert_allclose(automatic["auroc"], on_cpu["auroc"], atol=1e-9)
+
+
+def test_threads_give_exactly_the_serial_results_and_restore_torch_threads(grid):
+    """Episodes split between threads: every C and score as with one thread."""
+    episodes, features, x, row_of_id = grid
+    from threadpoolctl import threadpool_info
+
+    before = torch.get_num_threads(), [lib["num_threads"] for lib in threadpool_info()]
+    serial = fit_probes(features, episodes, row_of_id, ProbeConfig(workers=1))
+    for workers in (2, 3):
+        threaded = fit_probes(features, episodes, row_of_id, ProbeConfig(workers=workers))
+        assert (torch.get_num_threads(), [lib["num_threads"] for lib in threadpool_info()]) == before
+        assert threaded["C"].tolist() == serial["C"].tolist()
+        for column in ("auroc", "accuracy", "f1"):  # bit-identical here; rounding is all that may differ
+            np.testing.assert_allclose(threaded[column], serial[column], rtol=0, atol=1e-12, err_msg=column)
+    assert serial["C"].nunique() > 1  # the C choice is exercised, not constant
+
+
+def test_workers_must_be_a_positive_count():
+    from cxrtune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"ProbeConfig.workers = 0 is out of range: use a value >= 1"):
+        ProbeConfig(workers=0)
+    assert ProbeConfig(workers=None).workers is None  # None: min(2, torch threads)
+
+
+def test_fold_blocks_by_runs_equal_fancy_indexing():
+    from cxrtune.evaluate.probe import _copy_block
+
+    rng = np.random.default_rng(3)
+    source = torch.from_numpy(rng.normal(size=(4, 30, 30)))
+    few_runs = np.r_[0:5, 9:17, 20:30]  # a stratified fold of sorted labels
+    scattered = np.sort(rng.choice(30, 21, replace=False))  # many runs: the gather path
+    for rows, columns in ((few_runs, few_runs), (np.r_[5:9, 17:20], few_runs), (scattered, scattered)):
+        out = torch.zeros(4, 25, 25, dtype=torch.float64)
+        _copy_block(out, source, rows, columns)
+        expected = torch.zeros(4, 25, 25, dtype=torch.float64)
+        expected[:, : len(rows), : len(columns)] = source[:, rows][:, :, columns]
+        assert torch.equal(out, expected)
+
+
+def test_unordered_Cs_still_choose_the_converged_sklearn_C(grid):
+    """The C-path start extrapolates only along increasing Cs; any order gives sklearn's choice."""
+    from cxrtune.evaluate.probe import _path_extrapolation
+
+    assert _path_extrapolation(CS, 1) == 0.0 and _path_extrapolation(CS, 2) == pytest.approx(1.0)
+    assert _path_extrapolation([1, 10, 1000], 2) == 2.0  # capped
+    assert _path_extrapolation([10, 1, 100], 2) == 0.0
+    episodes, features, x, row_of_id = grid
+    part = episodes[episodes["shots"].isin([5, 10])].iloc[::2]
+    Cs = [10.0, 0.1, 100.0, 1.0]
+    got = fit_probes(features, part, row_of_id, ProbeConfig(Cs=tuple(Cs)))
+    reference = []
+    with threadpool_limits(1):
+        for rec in part.itertuples():
+            train = x[[row_of_id[i] for i in rec.train_ids]]
+            test = x[[row_of_id[i] for i in rec.test_ids]]
+            model = LogisticRegressionCV(Cs=Cs, cv=min(5, int(rec.n)), scoring="accuracy", l1_ratios=(0.0,),
+                                         use_legacy_attributes=False, tol=1e-10, max_iter=10_000
+                                         ).fit(train, rec.train_labels)
+            reference.append((roc_auc_score(rec.test_labels, model.decision_function(test)),
+                              float(np.ravel(model.C_)[0])))
+    assert got["C"].tolist() == [r[1] for r in reference]
+    np.testing.assert_allclose(got["auroc"], [r[0] for r in reference], atol=1e-9)
