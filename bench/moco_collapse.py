@@ -12,7 +12,8 @@ their own statistics (the features the loss sees):
   epoch and last;
 - ``cv``: the same std divided by the mean absolute feature value (scale-free: a backbone that
   only shrinks all its features keeps its cv);
-- ``erank`` and ``cos``: effective rank and mean pairwise cosine of the features;
+- ``erank`` and ``cos``: effective rank and mean cosine over 2,048 fixed pairs of images (the
+  engine's ``CollapseMonitor``, as the trials report them);
 - ``var``: the variance-term value on the raw projections (0 = every projection dimension has
   std >= 1).
 
@@ -45,34 +46,15 @@ SETTINGS = {
 }
 
 
-def batch_features(backbone: torch.nn.Module, images, size: int) -> torch.Tensor:
-    from cxrtune.augment import preprocess
+def describe(backbone: torch.nn.Module, monitor) -> dict[str, float]:
+    """The engine's collapse metrics on the monitor's images, BatchNorm on their own statistics,
+    plus the scale-free std (std / mean absolute feature)."""
+    from cxrtune.engine.monitors import collapse_metrics
 
-    was = backbone.training
-    backbone.train()
-    norms = [m for m in backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in norms]
-    for m in norms:
-        m.momentum = 0.0
-    try:
-        with torch.no_grad():
-            return backbone(preprocess(torch.from_numpy(images), size)).double()
-    finally:
-        for m, mom in zip(norms, saved):
-            m.momentum = mom
-        backbone.train(was)
-
-
-def describe(features: torch.Tensor) -> dict[str, float]:
-    from cxrtune.engine.monitors import effective_rank
-
-    std = float(features.std(dim=0).mean())
-    unit = torch.nn.functional.normalize(features, dim=1)
-    cos = unit @ unit.T
-    n = len(features)
-    mean_cos = float((cos.sum() - n) / (n * (n - 1)))
-    return {"std": std, "cv": std / float(features.abs().mean().clamp(min=1e-12)),
-            "erank": effective_rank(features), "cos": mean_cos}
+    features = monitor.batch_stat_features(backbone).double()
+    metrics = collapse_metrics(features, monitor.pairs)
+    metrics["cv"] = metrics["feature_std"] / float(features.abs().mean().clamp(min=1e-12))
+    return metrics
 
 
 def main() -> None:
@@ -85,12 +67,15 @@ def main() -> None:
     torch.set_num_threads(1)
 
     from cxrtune.engine import pretrain, smoke
+    from cxrtune.engine.monitors import CollapseMonitor
     from cxrtune.models.backbone import build_backbone
     from tests._engine_fixtures import homogeneous_images
 
     images = homogeneous_images(64, 32, seed=args.seed)
-    start = describe(batch_features(build_backbone("resnet18", init="random", seed=args.seed), images, 32))
-    print(f"random init: std {start['std']:.3f} cv {start['cv']:.3f} erank {start['erank']:.1f} cos {start['cos']:.3f}")
+    monitor = CollapseMonitor(images, 32, torch.device("cpu"))
+    start = describe(build_backbone("resnet18", init="random", seed=args.seed), monitor)
+    print(f"random init: std {start['feature_std']:.3f} cv {start['cv']:.3f} erank {start['effective_rank']:.1f} "
+          f"cos {start['mean_cosine']:.3f}")
     print(f"{'setting':<10} {'weight':>6} {'std first':>9} {'std last':>8} {'cv last':>7} {'erank':>6} {'cos':>6} {'var':>6}")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.settings:
@@ -98,10 +83,10 @@ def main() -> None:
                 config = smoke("moco").override({**BASE, **SETTINGS[name], "train.epochs": args.epochs,
                                                  "train.seed": args.seed, "moco.variance_weight": weight})
                 result = pretrain(config, images, Path(tmp) / f"{name}-{weight}")
-                last = describe(batch_features(result.backbone, images, 32))
+                last = describe(result.backbone, monitor)
                 first = result.metrics[0]["feature_std_batch"]
-                print(f"{name:<10} {weight:>6g} {first:>9.3f} {last['std']:>8.3f} {last['cv']:>7.3f} "
-                      f"{last['erank']:>6.1f} {last['cos']:>6.3f} {result.metrics[-1]['variance']:>6.3f}",
+                print(f"{name:<10} {weight:>6g} {first:>9.3f} {last['feature_std']:>8.3f} {last['cv']:>7.3f} "
+                      f"{last['effective_rank']:>6.1f} {last['mean_cosine']:>6.3f} {result.metrics[-1]['variance']:>6.3f}",
                       flush=True)
 
 
