@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+import threading
+import time
 import warnings
 
 import numpy as np
@@ -219,20 +224,96 @@ def test_probe_device_setting_runs_on_cuda_when_present_and_says_so_when_absent(
     np.testing.assert_allclose(automatic["auroc"], on_cpu["auroc"], atol=1e-9)
 
 
-def test_threads_give_exactly_the_serial_results_and_restore_torch_threads(grid):
-    """Episodes split between threads: every C and score as with one thread."""
+@pytest.mark.parametrize("parallel", ["threads", "processes"])
+def test_workers_give_exactly_the_serial_results_and_restore_torch_threads(grid, parallel):
+    """Episodes split between threads or forked processes: every C and score as with one worker."""
     episodes, features, x, row_of_id = grid
     from threadpoolctl import threadpool_info
 
     before = torch.get_num_threads(), [lib["num_threads"] for lib in threadpool_info()]
     serial = fit_probes(features, episodes, row_of_id, ProbeConfig(workers=1))
     for workers in (2, 3):
-        threaded = fit_probes(features, episodes, row_of_id, ProbeConfig(workers=workers))
+        threaded = fit_probes(features, episodes, row_of_id, ProbeConfig(workers=workers, parallel=parallel))
         assert (torch.get_num_threads(), [lib["num_threads"] for lib in threadpool_info()]) == before
         assert threaded["C"].tolist() == serial["C"].tolist()
         for column in ("auroc", "accuracy", "f1"):  # bit-identical here; rounding is all that may differ
             np.testing.assert_allclose(threaded[column], serial[column], rtol=0, atol=1e-12, err_msg=column)
     assert serial["C"].nunique() > 1  # the C choice is exercised, not constant
+
+
+def _fails_in_a_child(parent: int, how: str):
+    """A stand-in for _fit_group that fails only in a forked worker process."""
+    from cxrtune.evaluate import probe
+
+    real = probe._fit_group
+
+    def fit_group(*args, **kwargs):
+        if os.getpid() != parent:
+            if how == "raise":
+                raise TaskError("episode 7 is malformed (raised in the child)")
+            os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer would
+        return real(*args, **kwargs)
+
+    return fit_group
+
+
+@pytest.mark.parametrize("how", ["raise", "killed"])
+def test_a_failing_worker_process_fails_the_call_clearly_and_leaves_no_process(grid, monkeypatch, how):
+    from cxrtune.evaluate import probe
+
+    episodes, features, x, row_of_id = grid
+    monkeypatch.setattr(probe, "_fit_group", _fails_in_a_child(os.getpid(), how))
+    forked, fork = [], os.fork
+
+    def recording_fork():
+        pid = fork()
+        if pid:
+            forked.append(pid)
+        return pid
+
+    monkeypatch.setattr(os, "fork", recording_fork)
+    config = ProbeConfig(workers=2, parallel="processes")
+    if how == "raise":  # the child's own exception, with its traceback as a note
+        with pytest.raises(TaskError, match="episode 7 is malformed") as caught:
+            fit_probes(features, episodes, row_of_id, config)
+        assert any("raised in probe worker process" in note for note in caught.value.__notes__)
+    else:
+        with pytest.raises(DataError, match=r"ended without a result .*killed.*parallel='threads'"):
+            fit_probes(features, episodes, row_of_id, config)
+    monkeypatch.undo()
+    deadline = time.monotonic() + 10
+    while probe._UNREAPED and time.monotonic() < deadline:
+        probe._reap_finished()
+        time.sleep(0.05)
+    assert not probe._UNREAPED and len(forked) == 1
+    with pytest.raises(ChildProcessError):  # the worker process was collected: no zombie left
+        os.waitpid(forked[0], os.WNOHANG)
+
+
+def test_processes_are_refused_where_fork_is_missing_and_auto_stays_in_threads(grid, monkeypatch):
+    from cxrtune.errors import ConfigError
+    from cxrtune.evaluate import probe
+
+    with pytest.raises(ConfigError, match="ProbeConfig.parallel = 'bogus'"):
+        ProbeConfig(parallel="bogus")
+    monkeypatch.setattr(probe.sys, "platform", "darwin")
+    with pytest.raises(ConfigError, match="parallel = 'processes' needs os.fork on Linux; this is darwin"):
+        probe._use_processes("processes")
+    assert probe._use_processes("auto") is False
+    monkeypatch.undo()
+    assert probe._use_processes("threads") is False
+    if sys.platform.startswith("linux"):
+        assert probe._use_processes("processes") is True
+        # another Python thread running (a Ray worker, a server): auto does not fork
+        release = threading.Event()
+        other = threading.Thread(target=release.wait)
+        other.start()
+        try:
+            assert probe._use_processes("auto") is False
+        finally:
+            release.set()
+            other.join()
+        assert probe._use_processes("auto") is (threading.active_count() == 1)
 
 
 def test_workers_must_be_a_positive_count():

@@ -64,8 +64,16 @@ Why it is fast:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import itertools
+import os
+import pickle
+import signal
+import sys
+import threading
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Mapping, Sequence
 
@@ -104,6 +112,10 @@ class ProbeConfig(Config):
     workers: int | None = param(None, low=1, doc="CPU threads that each solve a share of the episodes, torch "
                                 "itself held to one thread meanwhile; None = min(2, torch.get_num_threads()); "
                                 "a GPU runs the grid as one stream")
+    parallel: str = param("auto", choices=("auto", "processes", "threads"),
+                          doc="how workers share the CPU: processes (forked children that inherit the features; "
+                          "Linux only), threads (the Python between ops holds the GIL: slower), or auto = "
+                          "processes on Linux when the calling process runs no other Python thread, else threads")
 
     def validate(self) -> None:
         if not self.Cs:
@@ -229,13 +241,15 @@ def solve_kernel_logistic(gram: torch.Tensor, labels: torch.Tensor, weights: tor
 
 def kernel_newton(gram: torch.Tensor, signs: torch.Tensor, weights: torch.Tensor, C: torch.Tensor,
                   alpha: torch.Tensor, b: torch.Tensor, max_iter: int = 50, tol: float = 1e-10,
-                  reuse: float = 0.25) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                  reuse: float = 0.25, products: torch.Tensor | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """P kernel logistic regressions from a starting point, by Newton's method with Hessian reuse.
 
     ``gram`` (P, N, N) one Gram matrix per problem, ``signs`` (P, N) in {-1, +1}, ``weights``
     (P, N) (0 for padding), ``C`` (P,), starting coefficients ``alpha`` (P, N) and intercepts
     ``b`` (P,). Returns ``alpha``, ``b``, the iterations and the Cholesky factorisations each
-    problem used.
+    problem used. ``products``, if given, holds ``G alpha`` of the start (which saves computing
+    it) and is overwritten with ``G alpha`` of the solution.
 
     The iterates are those of Newton's method on ``w`` (only their coordinates differ): with
     curvatures ``D``, ``S = D^{1/2}`` and the samples as rows of ``X``, Woodbury gives
@@ -269,13 +283,19 @@ def kernel_newton(gram: torch.Tensor, signs: torch.Tensor, weights: torch.Tensor
     idx = torch.arange(P, device=device)
     G, s, m, c = gram, signs, weights, C.reshape(P, 1)
     al, bb = alpha.clone(), b.clone()
-    u = _matmul(G, al.unsqueeze(-1)).squeeze(-1)
+    if products is not None:
+        u = products.clone()
+    elif bool(al.any()):
+        u = _matmul(G, al.unsqueeze(-1)).squeeze(-1)
+    else:
+        u = torch.zeros_like(al)
     chol = torch.empty(P, N, N, dtype=dtype, device=device)
     factorised = torch.zeros(P, N, dtype=dtype, device=device)  # curvatures of the stored factorisation
     have = torch.zeros(P, dtype=torch.bool, device=device)
     done = torch.zeros(P, dtype=torch.bool, device=device)
     iterations = torch.zeros(P, dtype=torch.long, device=device)
     factorisations = torch.zeros(P, dtype=torch.long, device=device)
+    f0 = None  # the loss at the current point, once known
     for _ in range(max_iter):
         margins = s * (u + bb[:, None])
         sig = torch.sigmoid(-margins)  # 1 - p(correct class)
@@ -312,27 +332,36 @@ def kernel_newton(gram: torch.Tensor, signs: torch.Tensor, weights: torch.Tensor
         grad_b = -residual.sum(1)
         # right-hand sides stored as (W, 2, N) and passed transposed: measured ~2x faster products
         g_vd = _matmul(G, torch.stack([v, d], 1).mT)  # (W, N, 2): G v, G d
-        half = torch.linalg.solve_triangular(chol, root[:, :, None] * g_vd, upper=False)
+        half = torch.linalg.solve_triangular(chol, root[:, :, None] * g_vd, upper=False)  # L^-1 S G [v, d]
+        g_v, g_d = g_vd[..., 0], g_vd[..., 1]
+        h_v, h_d = half[..., 0], half[..., 1]
+        # The Newton decrement needs only the forward solve: with A = I + X^T D X (in w),
+        # g^T A^-1 g = v.Gv - |L^-1 S G v|^2, and likewise for the intercept's coupling c = X^T d.
+        v_a_v = (v * g_v).sum(1) - (h_v * h_v).sum(1)
+        c_a_v = (d * g_v).sum(1) - (h_d * h_v).sum(1)
+        schur = (d.sum(1) - ((d * g_d).sum(1) - (h_d * h_d).sum(1))).clamp(min=1e-300)
+        db = (c_a_v - grad_b) / schur
+        decrement = v_a_v + schur * db * db  # with the Hessian used
+        finished = done | (decrement / rho / 2 <= tol) | (decrement <= 0)
+        if bool(finished.all()):  # only certified here: the step is not needed
+            break
         scaled = root[:, :, None] * torch.linalg.solve_triangular(chol.mT, half, upper=True)  # S (I + S G S)^{-1} S G [v, d]
         g_scaled = _matmul(G, scaled)
         a_v = v - scaled[..., 0]  # H^{-1} X^T v = X^T a_v
         a_d = d - scaled[..., 1]  # H^{-1} X^T D 1 = X^T a_d
-        g_v, g_d = g_vd[..., 0], g_vd[..., 1]
-        schur = (d.sum(1) - (g_d * a_d).sum(1)).clamp(min=1e-300)
-        db = (-grad_b + (g_d * a_v).sum(1)) / schur
         d_alpha = -a_v - a_d * db[:, None]
         g_d_alpha = -(g_v - g_scaled[..., 0]) - (g_d - g_scaled[..., 1]) * db[:, None]
-        decrement = -((g_v * d_alpha).sum(1) + grad_b * db)  # with the Hessian used
-        finished = done | (decrement / rho / 2 <= tol) | (decrement <= 0)
         # Backtracking (Armijo): margins are affine in the step, so a trial loss costs O(N). The
         # full step is tried first; problems that refuse it try a ladder of halved steps at once.
         along = s * (g_d_alpha + db[:, None])
         ww = (al * u).sum(1)
         wd = (al * g_d_alpha).sum(1)
         dd = (d_alpha * g_d_alpha).sum(1)
-        f0 = 0.5 * ww + c[:, 0] * (m * torch.nn.functional.softplus(-margins)).sum(1)
+        if f0 is None:  # the loss at the start; later it is the accepted trial's
+            f0 = 0.5 * ww + c[:, 0] * (m * torch.nn.functional.softplus(-margins)).sum(1)
         f_full = 0.5 * (ww + 2 * wd + dd) + c[:, 0] * (m * torch.nn.functional.softplus(-(margins + along))).sum(1)
         step = torch.where(finished, torch.zeros_like(decrement), torch.ones_like(decrement))
+        f_next = torch.where(finished, f0, f_full)
         refused = torch.nonzero(~finished & (f_full > f0 - 1e-4 * decrement)).flatten()
         if len(refused):
             ladder = steps[1:]
@@ -344,6 +373,8 @@ def kernel_newton(gram: torch.Tensor, signs: torch.Tensor, weights: torch.Tensor
             ok = f_trial <= f0[refused, None] - 1e-4 * ladder[None, :] * decrement[refused, None]
             first_ok = torch.where(ok.any(1), ok.to(torch.int8).argmax(1), torch.full_like(refused, ladder.numel() - 1))
             step[refused] = ladder[first_ok]
+            f_next[refused] = f_trial[torch.arange(len(refused), device=device), first_ok]
+        f0 = f_next
         al += step[:, None] * d_alpha
         u += step[:, None] * g_d_alpha
         bb += step * db
@@ -355,12 +386,16 @@ def kernel_newton(gram: torch.Tensor, signs: torch.Tensor, weights: torch.Tensor
         if n_finished * 3 >= len(idx):  # a third converged: write them out, compact the working set
             out_alpha[idx], out_b[idx] = al, bb
             out_iterations[idx], out_factorisations[idx] = iterations, factorisations
+            if products is not None:
+                products[idx] = u
             keep = torch.nonzero(~done).flatten()
             idx, G, s, m, c = idx[keep], G[keep], s[keep], m[keep], c[keep]
-            al, bb, u, chol, factorised = al[keep], bb[keep], u[keep], chol[keep], factorised[keep]
+            al, bb, u, chol, factorised, f0 = al[keep], bb[keep], u[keep], chol[keep], factorised[keep], f0[keep]
             have, done, iterations, factorisations = have[keep], done[keep], iterations[keep], factorisations[keep]
     out_alpha[idx], out_b[idx] = al, bb
     out_iterations[idx], out_factorisations[idx] = iterations, factorisations
+    if products is not None:
+        products[idx] = u
     return out_alpha, out_b, out_iterations, out_factorisations
 
 
@@ -412,8 +447,11 @@ def _row_norms(x: torch.Tensor, what: str) -> torch.Tensor:
     """
     norms = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
     step = max(1, _GATHER_BLOCK_ELEMENTS // max(1, x.shape[1]))
+    # one float64 block reused: a fresh block each time costs its page faults, more than the arithmetic
+    block = torch.empty(min(step, x.shape[0]), x.shape[1], dtype=torch.float64, device=x.device)
     for start in range(0, x.shape[0], step):
-        norms[start: start + step] = torch.linalg.vector_norm(x[start: start + step].to(torch.float64), dim=1)
+        rows = x[start: start + step]
+        torch.linalg.vector_norm(block[: len(rows)].copy_(rows), dim=1, out=norms[start: start + len(rows)])
     finite = torch.isfinite(norms)  # a NaN or inf entry makes its row's norm NaN or inf: one check per row
     if not bool(finite.all()):
         overflow = torch.nonzero(~finite).flatten()[:5].tolist()
@@ -433,24 +471,52 @@ def _row_norms(x: torch.Tensor, what: str) -> torch.Tensor:
 
 
 def _episode_arrays(episodes: pd.DataFrame, row_of_id: Mapping[str, int]):
-    """Feature-row indices and labels of every episode, checked."""
-    out = []
-    for rec in episodes.itertuples(index=False):
-        name = f"episode (disease {rec.disease!r}, shots {rec.shots}, trial {rec.trial})"
+    """Feature-row indices and labels of every episode, checked.
+
+    The ids of all episodes are looked up at once (a hash join), not one dictionary access each.
+    """
+    columns = {name: episodes[name].tolist() for name in ("train_ids", "test_ids", "train_labels", "test_labels")}
+    lengths = {name: np.fromiter(map(len, values), dtype=np.int64, count=len(values))
+               for name, values in columns.items()}
+    rows, labels = {}, {}
+    for split in ("train", "test"):
+        ids, y = columns[f"{split}_ids"], columns[f"{split}_labels"]
         try:
-            train = np.fromiter(map(row_of_id.__getitem__, rec.train_ids), dtype=np.int64, count=len(rec.train_ids))
-            test = np.fromiter(map(row_of_id.__getitem__, rec.test_ids), dtype=np.int64, count=len(rec.test_ids))
+            found = np.fromiter(map(row_of_id.__getitem__, itertools.chain.from_iterable(ids)), dtype=np.int64,
+                                count=int(lengths[f"{split}_ids"].sum()))
         except KeyError as exc:
-            raise DataError(f"{name}: image id {exc.args[0]!r} has no extracted feature row") from None
-        y_train = np.asarray(rec.train_labels, dtype=np.int64)
-        y_test = np.asarray(rec.test_labels, dtype=np.int64)
-        for split, y in (("training", y_train), ("test", y_test)):
-            pos, neg = int((y == 1).sum()), int((y == 0).sum())
-            if pos == 0 or neg == 0:
-                raise TaskError(f"{name}: the {split} set has {pos} positives and {neg} negatives; "
-                                "a binary probe needs at least one of each")
-        out.append((train, y_train, test, y_test))
-    return out
+            missing = exc.args[0]
+            e = next(e for e, episode_ids in enumerate(ids) if any(i not in row_of_id for i in episode_ids))
+            raise DataError(f"{_episode_name(episodes, e)}: image id {missing!r} has no extracted feature row") from None
+        mismatch = np.flatnonzero(lengths[f"{split}_ids"] != lengths[f"{split}_labels"])
+        if len(mismatch):
+            e = int(mismatch[0])
+            raise TaskError(f"{_episode_name(episodes, e)}: {lengths[f'{split}_ids'][e]} {split} ids but "
+                            f"{lengths[f'{split}_labels'][e]} {split} labels")
+        flat_y = np.fromiter(itertools.chain.from_iterable(y), dtype=np.int64, count=int(lengths[f"{split}_labels"].sum()))
+        bounds = np.cumsum(lengths[f"{split}_ids"])[:-1]
+        rows[split] = np.split(found, bounds)
+        labels[split] = np.split(flat_y, bounds)
+        positives, negatives = (_segment_sums(flat_y == value, lengths[f"{split}_ids"]) for value in (1, 0))
+        bad = np.flatnonzero((positives == 0) | (negatives == 0))
+        if len(bad):
+            e = int(bad[0])
+            word = "training" if split == "train" else "test"
+            raise TaskError(f"{_episode_name(episodes, e)}: the {word} set has {positives[e]} positives and "
+                            f"{negatives[e]} negatives; a binary probe needs at least one of each")
+    return list(zip(rows["train"], labels["train"], rows["test"], labels["test"]))
+
+
+def _segment_sums(flags: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Sums of consecutive segments of ``flags`` with the given lengths (0 for an empty one)."""
+    totals = np.concatenate([[0], np.cumsum(flags, dtype=np.int64)])
+    ends = np.cumsum(lengths)
+    return totals[ends] - totals[ends - lengths]
+
+
+def _episode_name(episodes: pd.DataFrame, e: int) -> str:
+    rec = episodes.iloc[e]
+    return f"episode (disease {rec.disease!r}, shots {rec.shots}, trial {rec.trial})"
 
 
 def fit_probes(features: np.ndarray | torch.Tensor, episodes: pd.DataFrame, row_of_id: Mapping[str, int],
@@ -468,47 +534,155 @@ def fit_probes(features: np.ndarray | torch.Tensor, episodes: pd.DataFrame, row_
     # normalised float64 copy, the same numbers to rounding.
     x = _as_matrix(features, "features")
     x = x.to(device, torch.float64 if x.dtype == torch.float64 else torch.float32).contiguous()
-    inv_norm = 1.0 / _row_norms(x, "features")
-    arrays = _episode_arrays(episodes, row_of_id)
-    results: list[dict | None] = [None] * len(arrays)
-    by_size: dict[int, list[int]] = {}
-    for e, (train, *_rest) in enumerate(arrays):
-        by_size.setdefault(len(train), []).append(e)
     workers = 1 if device.type != "cpu" else config.workers or min(2, torch.get_num_threads())
-    # Each training size splits into `workers` equal shares of episodes, the largest sizes first,
-    # so the threads finish together; every episode's arithmetic is the same in any share.
-    shares = [share for _, members in sorted(by_size.items(), reverse=True)
-              for share in np.array_split(np.asarray(members), min(workers, len(members)))]
+    with _solver_threads(device):
+        inv_norm = 1.0 / _row_norms(x, "features")
+        by_size: dict[int, list[int]] = {}
+        for e, size in enumerate(map(len, episodes["train_ids"].tolist())):
+            by_size.setdefault(size, []).append(e)
+        # Each training size splits into `workers` equal shares of episodes, the largest sizes
+        # first, so the workers finish together; an episode's arithmetic is the same in any share.
+        splits = [np.array_split(np.asarray(members), min(workers, len(members)))
+                  for _, members in sorted(by_size.items(), reverse=True)]
+        parts = [[split[w] for split in splits if w < len(split)] for w in range(workers)]
+        parts = [part for part in parts if part]
 
-    def solve(share: np.ndarray) -> None:
-        for e, row in zip(share, _fit_group(x, inv_norm, [arrays[e] for e in share], config, device)):
-            results[e] = row
+        def solve(part: list[np.ndarray]) -> list[tuple[int, dict]]:
+            # each worker looks up and checks its own episodes' rows and labels
+            members = np.concatenate(part)
+            arrays = dict(zip(members.tolist(), _episode_arrays(episodes.iloc[members], row_of_id)))
+            out = []
+            for share in part:
+                out += zip(share.tolist(), _fit_group(x, inv_norm, [arrays[e] for e in share.tolist()], config, device))
+            return out
 
-    # numpy's BLAS on one thread: its own threads only slow the small factorisations and products
-    # (and would compete with the workers).
+        if len(parts) <= 1:
+            solved = solve(parts[0]) if parts else []
+        elif _use_processes(config.parallel):
+            solved = _forked_map(solve, parts)
+        else:  # threads: torch and numpy release the GIL inside their ops
+            with ThreadPoolExecutor(len(parts), thread_name_prefix="probe") as pool:
+                solved = [row for rows in pool.map(solve, parts) for row in rows]
+    order = np.fromiter((e for e, _ in solved), dtype=np.int64, count=len(solved))
+    frame = episodes[["disease", "shots", "n", "trial"]].reset_index(drop=True)
+    for key in ("C", "auroc", "accuracy", "f1"):
+        column = np.empty(len(episodes))
+        column[order] = [row[key] for _, row in solved]
+        frame[key] = column
+    return frame
+
+
+@contextlib.contextmanager
+def _solver_threads(device: torch.device):
+    """numpy's BLAS on one thread, and on the CPU torch too, for the duration.
+
+    Intra-op threading costs more than it gains on the solver's small ops (one worker on 2 intra-op
+    threads measured 2.6 s on the study's grid, 0.70 s on 1); the workers parallelise instead.
+    """
     with _blas_controller().limit(limits=1, user_api="blas"):
         if device.type != "cpu":
-            for share in shares:
-                solve(share)
-        else:
-            # Data parallelism: with one intra-op thread each op runs in the calling thread, which
-            # releases the GIL inside it; intra-op threading costs more than it gains on these ops
-            # (one worker on 2 intra-op threads measured 2.6 s on the study's grid, 0.70 s on 1).
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
+            yield
+            return
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+
+def _use_processes(parallel: str) -> bool:
+    """Whether the workers are forked processes. ``auto`` forks only on Linux and only from a process
+    that runs no other Python thread (a Ray worker, a server): a fork copies just the calling
+    thread, and a lock another thread holds at that moment would stay locked in the child."""
+    can_fork = sys.platform.startswith("linux") and hasattr(os, "fork")
+    if parallel == "processes" and not can_fork:
+        raise ConfigError(f"ProbeConfig.parallel = 'processes' needs os.fork on Linux; this is {sys.platform}: "
+                          "use 'threads' or 'auto'")
+    return parallel == "processes" or (parallel == "auto" and can_fork and threading.active_count() == 1)
+
+
+def _forked_map(function, parts: Sequence) -> list:
+    """``sum(function(part) for part in parts)``, the first part in this process and each other in a
+    forked child, all at once; the children inherit every argument by copy-on-write (no pickling of
+    the features) and send back their (small) results through a pipe.
+
+    A child runs only ``function`` and the pickling of its result, in one thread (torch on one
+    intra-op thread, numpy's BLAS on one: set before the fork), and always ends with ``os._exit``.
+    An exception in a child is raised here with its traceback; a child that dies raises DataError.
+    """
+    _reap_finished()
+    children = []
+    try:
+        for part in parts[1:]:
+            read_fd, write_fd = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child: never returns to the caller's stack
+                status = 0
+                try:
+                    os.close(read_fd)
+                    try:
+                        payload = pickle.dumps((True, function(part)), protocol=pickle.HIGHEST_PROTOCOL)
+                    except BaseException as exc:  # noqa: BLE001 - sent to the parent, raised there
+                        status = 1
+                        text = "".join(traceback.format_exception(exc))
+                        try:
+                            payload = pickle.dumps((False, (exc, text)))
+                        except Exception:  # noqa: BLE001 - an exception that does not pickle goes as text
+                            payload = pickle.dumps((False, (None, text)))
+                    with os.fdopen(write_fd, "wb") as pipe:
+                        pipe.write(payload)
+                finally:
+                    os._exit(status)
+            os.close(write_fd)
+            children.append((pid, read_fd))
+        out = list(function(parts[0]))
+    except BaseException:  # this process failed or was interrupted: the children's work is moot
+        for pid, read_fd in children:
+            os.close(read_fd)
             try:
-                if workers == 1:
-                    for share in shares:
-                        solve(share)
-                else:
-                    with ThreadPoolExecutor(workers, thread_name_prefix="probe") as pool:
-                        for done in [pool.submit(solve, share) for share in shares]:
-                            done.result()
-            finally:
-                torch.set_num_threads(threads)
-    frame = episodes[["disease", "shots", "n", "trial"]].reset_index(drop=True).copy()
-    extra = pd.DataFrame(results)
-    return pd.concat([frame, extra], axis=1)
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            os.waitpid(pid, 0)
+        raise
+    failure = None
+    for pid, read_fd in children:
+        with os.fdopen(read_fd, "rb") as pipe:
+            payload = pipe.read()
+        if not payload:
+            _, status = os.waitpid(pid, 0)
+            failure = failure or DataError(
+                f"probe worker process {pid} ended without a result (wait status {status}: killed, out of "
+                "memory?); ProbeConfig(parallel='threads') solves in this process instead")
+            continue
+        _UNREAPED.append(pid)  # it has sent everything; its exit takes tens of ms: reaped later
+        ok, value = pickle.loads(payload)
+        if ok:
+            out += value
+        elif failure is None:
+            exc, text = value
+            failure = exc if isinstance(exc, Exception) else DataError(f"probe worker process {pid} failed:\n{text}")
+            if exc is not None:
+                failure.add_note(f"raised in probe worker process {pid}:\n{text}")
+    _reap_finished()
+    if failure is not None:
+        raise failure
+    return out
+
+
+_UNREAPED: list[int] = []  # children that sent their results and may still be exiting
+
+
+def _reap_finished() -> None:
+    """Collect the exit status of every finished child (a zombie until then), without waiting."""
+    for pid in list(_UNREAPED):
+        try:
+            finished, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:  # already collected elsewhere
+            finished = pid
+        if finished:
+            _UNREAPED.remove(pid)
 
 
 @functools.lru_cache(maxsize=1)
@@ -604,6 +778,7 @@ def _fit_group(x: torch.Tensor, inv_norm: torch.Tensor, group: Sequence[tuple], 
         totals = torch.full((G, n_C), -1.0, dtype=torch.float64, device=device)
         alpha = torch.zeros(Q, A, dtype=torch.float64, device=device)
         bias = torch.zeros(Q, dtype=torch.float64, device=device)
+        products = torch.zeros(Q, A, dtype=torch.float64, device=device)  # G alpha of each fold's solution
         pending = torch.arange(Q, device=device)
         for k in range(n_C):
             if k:
@@ -614,15 +789,16 @@ def _fit_group(x: torch.Tensor, inv_norm: torch.Tensor, group: Sequence[tuple], 
             def take(t: torch.Tensor) -> torch.Tensor:  # gathering every fold's Gram would copy it
                 return t if len(pending) == Q else t[pending]
 
-            start_a, start_b = take(alpha), take(bias)
+            start_a, start_b, start_u = take(alpha), take(bias), take(products).clone()
             reach = _path_extrapolation(config.Cs, k)
-            if reach:  # continue the path's last move, scaled to this step's length in log C
+            if reach:  # continue the path's last move, scaled to this step's length in log C (G alpha too)
                 start_a = start_a + reach * (start_a - take(previous_alpha))
                 start_b = start_b + reach * (start_b - take(previous_bias))
-            previous_alpha, previous_bias = alpha.clone(), bias.clone()
+                start_u += reach * (start_u - take(previous_products))
+            previous_alpha, previous_bias, previous_products = alpha.clone(), bias.clone(), products.clone()
             a, b = _kernel_newton_chunked(take(fit_gram), take(fit_signs), take(fit_weights),
-                                          Cs[k].expand(len(pending)), start_a, start_b, config)
-            alpha[pending], bias[pending] = a, b
+                                          Cs[k].expand(len(pending)), start_a, start_b, config, start_u)
+            alpha[pending], bias[pending], products[pending] = a, b, start_u
             decision = _matmul(take(held_cross), a.unsqueeze(-1)).squeeze(-1) + b[:, None]
             fold_accuracy = batched_accuracy(decision > 0, take(held_labels), take(held_valid))
             # sum of fold accuracies per (episode, C), as LogisticRegressionCV sums its fold scores
@@ -685,15 +861,18 @@ def _path_extrapolation(Cs: Sequence[float], k: int) -> float:
     return min(2.0, float(np.log(Cs[k] / Cs[k - 1]) / np.log(Cs[k - 1] / Cs[k - 2])))
 
 
-def _kernel_newton_chunked(gram, signs, weights, C, alpha, b, config: ProbeConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """``kernel_newton`` over problems in chunks of about ``config.chunk`` Gram entries."""
+def _kernel_newton_chunked(gram, signs, weights, C, alpha, b, config: ProbeConfig,
+                           products: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kernel_newton`` over problems in chunks of about ``config.chunk`` Gram entries; ``products``
+    (``G alpha`` of the start, if known) is overwritten with ``G alpha`` of the solutions."""
     per_chunk = max(1, config.chunk // gram.shape[1] ** 2)
     per_chunk = -(-len(gram) // -(-len(gram) // per_chunk))  # equal chunks: no small last one paying full overheads
     alphas, biases = [], []
     for start in range(0, len(gram), per_chunk):
         sl = slice(start, start + per_chunk)
         a, bias, _, _ = kernel_newton(gram[sl], signs[sl], weights[sl], C[sl], alpha[sl], b[sl],
-                                      max_iter=config.max_iter, tol=config.tol, reuse=config.reuse)
+                                      max_iter=config.max_iter, tol=config.tol, reuse=config.reuse,
+                                      products=None if products is None else products[sl])
         alphas.append(a)
         biases.append(bias)
     return torch.cat(alphas), torch.cat(biases)
