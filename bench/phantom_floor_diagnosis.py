@@ -82,7 +82,10 @@ MID_ANATOMY = {
 #: is among the faintest (the phantom draws most cases subtle, from Beta(1, 1.3)).
 SEVERITY_FLOOR = 0.3
 #: How far each patient parameter stays from its mid-range value (1 = as drawn).
-ANATOMY_SPREAD = {"mid-anatomy": 0.0, "half-anatomy": 0.5}
+ANATOMY_SPREAD = {"mid-anatomy": 0.0, "half-anatomy": 0.5, "half-soft-tissue": 0.5, "mid-soft-tissue": 0.0}
+#: The parameters a spread variant moves (all of MID_ANATOMY unless named here): soft-tissue
+#: thickness alone explains 37 % of random features' variance, so it is probed on its own.
+ANATOMY_KEYS = {"half-soft-tissue": ("soft_tissue",), "mid-soft-tissue": ("soft_tissue",)}
 IMAGE_VARIANTS = ("baseline", *NUISANCE_OFF, "all-off", *ANATOMY_SPREAD, "severity-floor")
 _ORIGINAL_DRAW = StudyParams.draw.__func__
 _ORIGINAL_PATIENT_DRAW = PatientParams.draw.__func__
@@ -129,7 +132,9 @@ def patch_study_draw(variant: str) -> None:
         p = _ORIGINAL_PATIENT_DRAW(cls, rng)
         if spread == 1.0:
             return p
-        return dataclasses.replace(p, **{k: mid + spread * (getattr(p, k) - mid) for k, mid in MID_ANATOMY.items()})
+        keys = ANATOMY_KEYS.get(variant, tuple(MID_ANATOMY))
+        return dataclasses.replace(p, **{k: mid + spread * (getattr(p, k) - mid) for k, mid in MID_ANATOMY.items()
+                                         if k in keys})
 
     phantom_render.StudyParams.draw = classmethod(draw)
     phantom_render.PatientParams.draw = classmethod(draw_patient)
