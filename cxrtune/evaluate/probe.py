@@ -74,6 +74,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import gc
 import itertools
 import os
 import pickle
@@ -99,6 +100,7 @@ from cxrtune.evaluate.metrics import batched_accuracy, batched_auroc, batched_f1
 DEFAULT_CS = (0.01, 0.1, 1.0, 10.0, 100.0)
 _GATHER_BLOCK_ELEMENTS = 2 ** 18  # feature values gathered at once (2 MB in float64: stays in cache)
 _GEMM_IN_FEATURE_PRECISION = True
+_SCORES = ("C", "auroc", "accuracy", "f1")  # what _fit_group returns per episode, in this order
 _LINE_SEARCH_STEPS = torch.tensor([0.5 ** k for k in range(12)], dtype=torch.float64)
 
 
@@ -554,14 +556,12 @@ def fit_probes(features: np.ndarray | torch.Tensor, episodes: pd.DataFrame, row_
         parts = [[split[w] for split in splits if w < len(split)] for w in range(workers)]
         parts = [part for part in parts if part]
 
-        def solve(part: list[np.ndarray]) -> list[tuple[int, dict]]:
+        def solve(part: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
             # each worker looks up and checks its own episodes' rows and labels
             members = np.concatenate(part)
             arrays = dict(zip(members.tolist(), _episode_arrays(episodes.iloc[members], row_of_id)))
-            out = []
-            for share in part:
-                out += zip(share.tolist(), _fit_group(x, inv_norm, [arrays[e] for e in share.tolist()], config, device))
-            return out
+            return [(share, _fit_group(x, inv_norm, [arrays[e] for e in share.tolist()], config, device))
+                    for share in part]
 
         if len(parts) <= 1:
             solved = solve(parts[0]) if parts else []
@@ -570,12 +570,12 @@ def fit_probes(features: np.ndarray | torch.Tensor, episodes: pd.DataFrame, row_
         else:  # threads: torch and numpy release the GIL inside their ops
             with ThreadPoolExecutor(len(parts), thread_name_prefix="probe") as pool:
                 solved = [row for rows in pool.map(solve, parts) for row in rows]
-    order = np.fromiter((e for e, _ in solved), dtype=np.int64, count=len(solved))
+    scores = np.empty((len(episodes), len(_SCORES)))
+    for share, values in solved:
+        scores[share] = values
     frame = episodes[["disease", "shots", "n", "trial"]].reset_index(drop=True)
-    for key in ("C", "auroc", "accuracy", "f1"):
-        column = np.empty(len(episodes))
-        column[order] = [row[key] for _, row in solved]
-        frame[key] = column
+    for j, key in enumerate(_SCORES):
+        frame[key] = scores[:, j]
     return frame
 
 
@@ -619,6 +619,19 @@ def _forked_map(function, parts: Sequence) -> list:
     An exception in a child is raised here with its traceback; a child that dies raises DataError.
     """
     _reap_finished()
+    # The cyclic garbage collector writes to every object it visits: while a child shares this
+    # process's pages, each such write copies a page. It stays off until the children are done.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _fork_and_collect(function, parts)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _fork_and_collect(function, parts: Sequence) -> list:
+    """The work of :func:`_forked_map`."""
     children = []
     try:
         for part in parts[1:]:
@@ -699,8 +712,9 @@ def _blas_controller() -> ThreadpoolController:
 
 
 def _fit_group(x: torch.Tensor, inv_norm: torch.Tensor, group: Sequence[tuple], config: ProbeConfig,
-               device: torch.device) -> list[dict]:
-    """All episodes with the same training size: CV problems, C choice, refit, scoring."""
+               device: torch.device) -> np.ndarray:
+    """All episodes with the same training size: CV problems, C choice, refit, scoring; one row of
+    ``_SCORES`` per episode."""
     G = len(group)
     T = len(group[0][0])
     M = max(len(g[2]) for g in group)
@@ -824,10 +838,7 @@ def _fit_group(x: torch.Tensor, inv_norm: torch.Tensor, group: Sequence[tuple], 
     auc = batched_auroc(decision, y_test, test_mask)
     acc = batched_accuracy(decision > 0, y_test, test_mask)
     f1 = batched_f1(decision > 0, y_test, test_mask)
-    return [
-        {"C": float(chosen_C[e]), "auroc": float(auc[e]), "accuracy": float(acc[e]), "f1": float(f1[e])}
-        for e in range(G)
-    ]
+    return torch.stack([t.to(torch.float64) for t in (chosen_C, auc, acc, f1)], 1).cpu().numpy()  # _SCORES per episode
 
 
 def _copy_block(out: torch.Tensor, source: torch.Tensor, rows: np.ndarray, columns: np.ndarray) -> None:
