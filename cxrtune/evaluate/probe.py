@@ -47,9 +47,10 @@ Why it is fast:
   to 1.4.
 * **The C path.** Cs are solved one after the other in tie-break order, each C starting from the
   previous C's solution continued by the path's last move (scaled to the step in log C; for
-  increasing Cs): on separable folds the solution grows about linearly in log C, and at 50 shots
-  C = 100 then needs 2 factorisations instead of 3 and C = 10 4 iterations instead of 5. Newton
-  reaches the same optimum from any start. An episode whose folds are all classified without
+  increasing Cs), or by the quadratic through the last three solutions where the last three steps
+  in log C are equal (the study's Cs from C = 10 on): on separable folds the solution grows about
+  linearly in log C, and at 50 shots C = 100 then needs 2 factorisations instead of 3, and 4 Newton
+  iterations instead of 6 with the quadratic. Newton reaches the same optimum from any start. An episode whose folds are all classified without
   error at some C is decided there: no later C can exceed a perfect sum, and ties go to the
   earlier C. Exact, and it saves most of the work on easy tasks (it seldom triggers at 50 shots on
   real features).
@@ -812,10 +813,17 @@ def _fit_group(x: torch.Tensor, inv_norm: torch.Tensor, group: Sequence[tuple], 
 
             start_a, start_b, start_u = take(alpha), take(bias), take(products).clone()
             reach = _path_extrapolation(config.Cs, k)
-            if reach:  # continue the path's last move, scaled to this step's length in log C (G alpha too)
+            if reach == 1.0 and _path_extrapolation(config.Cs, k - 1) == 1.0:
+                # three equal steps in log C: the quadratic through the last three solutions
+                start_a = 3 * start_a - 3 * take(previous_alpha) + take(older_alpha)
+                start_b = 3 * start_b - 3 * take(previous_bias) + take(older_bias)
+                start_u = 3 * start_u - 3 * take(previous_products) + take(older_products)
+            elif reach:  # continue the path's last move, scaled to this step's length in log C (G alpha too)
                 start_a = start_a + reach * (start_a - take(previous_alpha))
                 start_b = start_b + reach * (start_b - take(previous_bias))
                 start_u += reach * (start_u - take(previous_products))
+            if k:
+                older_alpha, older_bias, older_products = previous_alpha, previous_bias, previous_products
             previous_alpha, previous_bias, previous_products = alpha.clone(), bias.clone(), products.clone()
             a, b = _kernel_newton_chunked(take(fit_gram), take(fit_signs), take(fit_weights),
                                           Cs[k].expand(len(pending)), start_a, start_b, config, start_u)
