@@ -17,7 +17,7 @@ per-study nuisance switched off, and probes each rendering the way the calibrati
   ``PatientParams`` at mid-range: between-patient anatomy reduced to the elastic warp, vessels
   and lung-marking pattern; ``half-anatomy``: each parameter halfway to mid-range;
   ``mid-geometry`` / ``mid-density``: only the sizes and positions, or only the densities and
-  textures, at mid-range; ``half-soft-tissue`` / ``mid-soft-tissue``: soft-tissue thickness alone) and
+  textures, at mid-range (``half-density``: the densities halfway); ``half-soft-tissue`` / ``mid-soft-tissue``: soft-tissue thickness alone) and
   ``severity-floor`` (every finding's severity lifted to
   0.3 + 0.7 s: no faint cases);
 * feature variants on the baseline images: ``r18`` as the calibration computes it (eval mode,
@@ -85,7 +85,7 @@ MID_ANATOMY = {
 SEVERITY_FLOOR = 0.3
 #: How far each patient parameter stays from its mid-range value (1 = as drawn).
 ANATOMY_SPREAD = {"mid-anatomy": 0.0, "half-anatomy": 0.5, "half-soft-tissue": 0.5, "mid-soft-tissue": 0.0,
-                  "mid-geometry": 0.0, "mid-density": 0.0}
+                  "mid-geometry": 0.0, "mid-density": 0.0, "half-density": 0.5}
 #: Geometry (sizes, shapes, positions) and densities (attenuation, texture strength) of the anatomy.
 GEOMETRY = ("habitus_x", "habitus_y", "lung_width_right", "lung_width_left", "lung_height", "heart_width",
             "rib_spacing", "rib_angle", "shift_x", "shift_y")
@@ -94,7 +94,7 @@ DENSITY = ("soft_tissue", "bone_density", "lung_density", "vessel_density", "bre
 #: thickness alone explains 37 % of random features' variance, so it is probed on its own; the
 #: geometry and density groups each at mid-range, the other group as drawn.
 ANATOMY_KEYS = {"half-soft-tissue": ("soft_tissue",), "mid-soft-tissue": ("soft_tissue",),
-                "mid-geometry": GEOMETRY, "mid-density": DENSITY}
+                "mid-geometry": GEOMETRY, "mid-density": DENSITY, "half-density": DENSITY}
 IMAGE_VARIANTS = ("baseline", *NUISANCE_OFF, "all-off", *ANATOMY_SPREAD, "severity-floor")
 _ORIGINAL_DRAW = StudyParams.draw.__func__
 _ORIGINAL_PATIENT_DRAW = PatientParams.draw.__func__

@@ -10,6 +10,7 @@ Augmentation (mild, per image): random resized crop scale (0.5, 1) and ratio (3/
 horizontal flip p 0.5, rotation +-10 degrees, brightness and contrast jitter +-0.2.
 
     python bench/phantom_retrieval.py [--repeats 3] [--size 64]
+    python bench/phantom_retrieval.py --variant half-density   # a floor-diagnosis data variant
 """
 
 from __future__ import annotations
@@ -85,8 +86,19 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ablate", action="store_true", help="also measure each augmentation on its own")
+    ap.add_argument("--variant", default="baseline",
+                    help="render with a data variant of bench/phantom_floor_diagnosis.py (e.g. mid-density, "
+                         "half-density): the same draws with some patient parameters moved to mid-range")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    if args.variant != "baseline":
+        import sys
+
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from phantom_floor_diagnosis import patch_study_draw
+
+        patch_study_draw(args.variant)
+        print(f"variant {args.variant}")
     t0 = time.perf_counter()
     imgs = render_gallery(args.n, args.size, args.seed)
     x = torch.from_numpy(imgs).float().div(255).unsqueeze(1)
