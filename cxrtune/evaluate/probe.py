@@ -449,34 +449,41 @@ def _as_matrix(features: np.ndarray | torch.Tensor, what: str) -> torch.Tensor:
     return x
 
 
-def _row_norms(x: torch.Tensor, what: str) -> torch.Tensor:
-    """float64 L2 norms of the rows of ``x``, after refusing NaN/inf and all-zero rows by name.
+def _row_norms(x: torch.Tensor, what: str, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """float64 L2 norms of the rows of ``x`` (or of the rows numbered ``rows``), after refusing
+    NaN/inf and all-zero rows by name.
 
     Computed a block of rows at a time: a float64 copy of the whole matrix would cost more than
     the arithmetic.
     """
-    norms = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
+    n = x.shape[0] if rows is None else len(rows)
+    norms = torch.empty(n, dtype=torch.float64, device=x.device)
     step = max(1, _GATHER_BLOCK_ELEMENTS // max(1, x.shape[1]))
     # one float64 block reused: a fresh block each time costs its page faults, more than the arithmetic
-    block = torch.empty(min(step, x.shape[0]), x.shape[1], dtype=torch.float64, device=x.device)
-    for start in range(0, x.shape[0], step):
-        rows = x[start: start + step]
-        torch.linalg.vector_norm(block[: len(rows)].copy_(rows), dim=1, out=norms[start: start + len(rows)])
+    block = torch.empty(min(step, n), x.shape[1], dtype=torch.float64, device=x.device)
+    for start in range(0, n, step):
+        part = x[start: start + step] if rows is None else x.index_select(0, rows[start: start + step])
+        torch.linalg.vector_norm(block[: len(part)].copy_(part), dim=1, out=norms[start: start + len(part)])
+
+    def numbers(positions: torch.Tensor) -> list[int]:  # row numbers of x
+        positions = positions.flatten()[:5]
+        return (positions if rows is None else rows[positions]).tolist()
+
     finite = torch.isfinite(norms)  # a NaN or inf entry makes its row's norm NaN or inf: one check per row
     if not bool(finite.all()):
-        overflow = torch.nonzero(~finite).flatten()[:5].tolist()
-        finite = torch.isfinite(x).all(1)
+        overflow = numbers(torch.nonzero(~finite))
+        finite = torch.isfinite(x if rows is None else x.index_select(0, rows)).all(1)
         if bool(finite.all()):
             raise DataError(f"{what}: feature rows {overflow} have norms beyond the float64 range; "
                             "rescale the features (their scale does not matter to the probe)")
-        bad = torch.nonzero(~finite).flatten()[:5].tolist()
         raise DataError(
-            f"{what}: {int((~finite).sum())} of {x.shape[0]} feature rows contain NaN or inf "
-            f"(rows {bad}...); the backbone's output is not usable (diverged weights or a corrupt checkpoint?)"
+            f"{what}: {int((~finite).sum())} of {n} feature rows contain NaN or inf "
+            f"(rows {numbers(torch.nonzero(~finite))}...); the backbone's output is not usable "
+            "(diverged weights or a corrupt checkpoint?)"
         )
     if bool((norms == 0).any()):
-        bad = torch.nonzero(norms == 0).flatten()[:5].tolist()
-        raise DataError(f"{what}: feature rows {bad} are all zero; L2 normalisation is undefined (collapsed backbone?)")
+        raise DataError(f"{what}: feature rows {numbers(torch.nonzero(norms == 0))} are all zero; "
+                        "L2 normalisation is undefined (collapsed backbone?)")
     return norms
 
 
@@ -546,7 +553,6 @@ def fit_probes(features: np.ndarray | torch.Tensor, episodes: pd.DataFrame, row_
     x = x.to(device, torch.float64 if x.dtype == torch.float64 else torch.float32).contiguous()
     workers = 1 if device.type != "cpu" else config.workers or min(2, torch.get_num_threads())
     with _solver_threads(device):
-        inv_norm = 1.0 / _row_norms(x, "features")
         by_size: dict[int, list[int]] = {}
         for e, size in enumerate(map(len, episodes["train_ids"].tolist())):
             by_size.setdefault(size, []).append(e)
@@ -561,6 +567,11 @@ def fit_probes(features: np.ndarray | torch.Tensor, episodes: pd.DataFrame, row_
             # each worker looks up and checks its own episodes' rows and labels
             members = np.concatenate(part)
             arrays = dict(zip(members.tolist(), _episode_arrays(episodes.iloc[members], row_of_id)))
+            # and the norms of the rows they use (only those are checked for NaN, inf or zero)
+            used = torch.as_tensor(np.unique(np.concatenate([np.concatenate([a[0], a[2]]) for a in arrays.values()])),
+                                   device=device)
+            inv_norm = torch.zeros(x.shape[0], dtype=torch.float64, device=device)
+            inv_norm[used] = 1.0 / _row_norms(x, "features", used)
             return [(share, _fit_group(x, inv_norm, [arrays[e] for e in share.tolist()], config, device))
                     for share in part]
 
@@ -781,13 +792,16 @@ def _fit_group(x: torch.Tensor, inv_norm: torch.Tensor, group: Sequence[tuple], 
         fit_idx, fit_valid = torch.as_tensor(fit_np, device=device), torch.as_tensor(fit_valid_np, device=device)
         held_idx, held_valid = torch.as_tensor(held_np, device=device), torch.as_tensor(held_valid_np, device=device)
         # Each fold's blocks of its episode's G; padding stays zero.
-        fit_gram = torch.zeros(Q, A, A, dtype=torch.float64, device=device)
-        held_cross = torch.zeros(Q, B, A, dtype=torch.float64, device=device)
+        # Each fold's blocks of its episode's G; only the padding is zeroed (most folds have none).
+        fit_gram = torch.empty(Q, A, A, dtype=torch.float64, device=device)
+        held_cross = torch.empty(Q, B, A, dtype=torch.float64, device=device)
         for first, members, (fit, held) in same_rows:
             source = gram if len(members) == G else gram.index_select(0, torch.as_tensor(members, device=device))
             at = slice(first, first + len(members))
             _copy_block(fit_gram[at], source, fit, fit)
             _copy_block(held_cross[at], source, held, fit)
+            fit_gram[at, len(fit):], fit_gram[at, :, len(fit):] = 0.0, 0.0
+            held_cross[at, len(held):], held_cross[at, :, len(fit):] = 0.0, 0.0
         fit_labels = y_train[fold_episode[:, None], fit_idx]
         held_labels = y_train[fold_episode[:, None], held_idx]
         fit_signs = fit_labels.to(torch.float64) * 2 - 1
