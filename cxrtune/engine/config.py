@@ -29,10 +29,12 @@ class ModelConfig(Config):
 
 @dataclass
 class OptimConfig(Config):
-    optimizer: str = param("sgd", choices=("sgd", "adamw"))
+    optimizer: str = param("sgd", choices=("sgd", "adamw", "lars"),
+                           doc="lars: SGD with a layer-wise trust ratio, for large batches (biases and norms not adapted)")
     lr: float = param(0.045, low=0, low_open=True, doc="peak learning rate after warmup (not scaled by batch)")
     weight_decay: float = param(1e-4, low=0)
-    momentum: float = param(0.9, low=0, high=1, high_open=True, doc="SGD momentum")
+    momentum: float = param(0.9, low=0, high=1, high_open=True, doc="SGD and LARS momentum")
+    lars_eta: float = param(0.001, low=0, low_open=True, doc="LARS trust coefficient")
     beta1: float = param(0.9, low=0, high=1, high_open=True, doc="AdamW beta1")
     beta2: float = param(0.999, low=0, high=1, high_open=True, doc="AdamW beta2")
     warmup_epochs: float = param(10.0, low=0, doc="linear warmup from 0, then cosine")

@@ -28,6 +28,7 @@ from cxrtune.device import resolve_device
 from cxrtune.engine.checkpoint import (FORMAT, checkpoint_path, latest_checkpoint, list_checkpoints,
                                        load_checkpoint, save_checkpoint)
 from cxrtune.engine.config import PretrainConfig
+from cxrtune.engine.lars import LARS
 from cxrtune.engine.monitors import CollapseMonitor
 from cxrtune.engine.schedules import WarmupCosine
 from cxrtune.errors import ConfigError, DataError, DivergenceError
@@ -84,14 +85,19 @@ def _check_images(images: Any, rows: Sequence[int] | np.ndarray | None, batch_si
 def build_optimizer(method: SSLMethod, config: PretrainConfig) -> torch.optim.Optimizer:
     o = config.optim
     params = [p for p in method.parameters() if p.requires_grad]
-    if o.exclude_norm_bias_decay:
+    if o.exclude_norm_bias_decay or o.optimizer == "lars":
+        # biases and normalisation weights (1-D) apart: no decay if asked, and never LARS-adapted
         decay = [p for p in params if p.ndim > 1]
         no_decay = [p for p in params if p.ndim <= 1]
-        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [{"params": decay, "weight_decay": o.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0 if o.exclude_norm_bias_decay else o.weight_decay}]
     else:
         groups = [{"params": params, "weight_decay": o.weight_decay}]
     if o.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
+    if o.optimizer == "lars":
+        groups[1]["adapt"] = False
+        return LARS(groups, lr=o.lr, momentum=o.momentum, eta=o.lars_eta)
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2))
 
 
@@ -152,8 +158,11 @@ def _payload(method: SSLMethod, config: PretrainConfig, optimizer, schedule, aug
 
 def _check_resumable(payload: Mapping[str, Any], config: PretrainConfig, path: Path) -> None:
     saved, current = payload["config"], config.to_flat()
+    defaults = PretrainConfig().to_flat()
+    # a setting added after the checkpoint was written, at its default, cannot have changed the run
     differing = sorted(k for k in set(saved) | set(current)
-                       if k not in RESUME_MAY_DIFFER and saved.get(k) != current.get(k))
+                       if k not in RESUME_MAY_DIFFER and saved.get(k) != current.get(k)
+                       and not (k not in saved and k in defaults and current.get(k) == defaults[k]))
     if differing:
         shown = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differing[:5])
         raise CheckpointError(
