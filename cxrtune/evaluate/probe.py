@@ -50,9 +50,9 @@ Why it is fast:
   increasing Cs), or by the quadratic through the last three solutions where the last three steps
   in log C are equal (the study's Cs from C = 10 on): on separable folds the solution grows about
   linearly in log C, and at 50 shots C = 100 then needs 2 factorisations instead of 3, and 4 Newton
-  iterations instead of 6 with the quadratic. Newton reaches the same optimum from any start. An episode whose folds are all classified without
-  error at some C is decided there: no later C can exceed a perfect sum, and ties go to the
-  earlier C. Exact, and it saves most of the work on easy tasks (it seldom triggers at 50 shots on
+  iterations instead of 6 with the quadratic. Newton reaches the same optimum from any start. An
+  episode whose folds are all classified without error at some C is decided there: no later C can
+  exceed a perfect sum, and ties go to the earlier C. Exact, and it saves most of the work on easy tasks (it seldom triggers at 50 shots on
   real features).
 * **Fewer ops per iteration.** The Newton decrement comes from the forward triangular solve
   alone (``g^T A^-1 g = v.Gv - |L^-1 S G v|^2``), so the iteration that only certifies
@@ -64,7 +64,9 @@ Why it is fast:
   ops). On Linux the workers are forked processes: they inherit the features by copy-on-write
   and send back a few numbers per episode, and no worker waits for the GIL, which the Python
   between the ~80 small ops of a Newton iteration holds (threads gave 1.25x on 2 cores, processes
-  about 1.6x; the rest is the cores' shared cache and memory bandwidth). Threads are the fallback
+  about 1.6x: each worker re-faults the memory it writes, shared copy-on-write after the fork, and
+  the fork and the collection take 20-30 ms; two independent processes lose only 4 % to each
+  other). The cyclic garbage collector is off while the workers run. Threads are the fallback
   elsewhere, and ``auto`` also keeps to threads in a process that runs other Python threads (a
   fork copies only the calling thread). An episode's arithmetic does not depend on its share: the
   results equal one worker's (bit for bit on the benchmark's grid, tested).
