@@ -47,15 +47,24 @@ def _render_chunk(args):
     return np.stack([r.render(row, size) for row in rows.itertuples(index=False)])
 
 
-def render(rows: pd.DataFrame, size: int = SIZE, workers: int = 2) -> np.ndarray:
-    """Render rows on ``workers`` processes in patient-ordered chunks."""
+def render(rows: pd.DataFrame, size: int = SIZE, workers: int = 2, initializer=None, initargs=()) -> np.ndarray:
+    """Render rows on ``workers`` processes in patient-ordered chunks (``initializer(*initargs)``
+    runs first in each process)."""
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing
 
     bounds = np.linspace(0, len(rows), 4 * workers + 1).astype(int)
     chunks = [(rows.iloc[a:b], size) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=initializer, initargs=initargs) as ex:
         return np.concatenate(list(ex.map(_render_chunk, chunks)))
+
+
+def raw32(imgs: np.ndarray, centre: bool = True) -> np.ndarray:
+    """The floor's raw-pixel features: 32 x 32 block means, centred on the pool's mean, L2-normalised."""
+    x = imgs.reshape(len(imgs), 32, imgs.shape[1] // 32, 32, imgs.shape[2] // 32).mean(axis=(2, 4))
+    x = x.reshape(len(imgs), -1)
+    return l2(x - x.mean(axis=0)) if centre else l2(x)
 
 
 def l2(x: np.ndarray) -> np.ndarray:
@@ -71,8 +80,7 @@ def floor(args) -> pd.DataFrame:
     t0 = time.perf_counter()
     imgs = render(rows)
     print(f"floor: rendered {len(rows)} few-shot images at {SIZE} px in {time.perf_counter() - t0:.0f} s")
-    x32 = imgs.reshape(len(imgs), 32, SIZE // 32, 32, SIZE // 32).mean(axis=(2, 4)).reshape(len(imgs), -1)
-    raw = l2(x32 - x32.mean(axis=0))
+    raw = raw32(imgs)
     torch.manual_seed(args.seed)
     net = Backbone("resnet18", in_chans=1).eval()
     feats = []

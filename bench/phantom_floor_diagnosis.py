@@ -151,27 +151,14 @@ def patch_study_draw(variant: str) -> None:
 
 def render_variant(rows: pd.DataFrame, variant: str, workers: int) -> np.ndarray:
     """The calibration's rendering (same chunks, same function) with ``variant`` patched in."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     rows = variant_rows(rows, variant)
     patch_study_draw(variant)
     try:
         if workers <= 1:
             return calib._render_chunk((rows, calib.SIZE))
-        bounds = np.linspace(0, len(rows), 4 * workers + 1).astype(int)
-        chunks = [(rows.iloc[a:b], calib.SIZE) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=patch_study_draw, initargs=(variant,)) as ex:
-            return np.concatenate(list(ex.map(calib._render_chunk, chunks)))
+        return calib.render(rows, calib.SIZE, workers, initializer=patch_study_draw, initargs=(variant,))
     finally:
         patch_study_draw("baseline")
-
-
-def raw32(imgs: np.ndarray, centre: bool = True) -> np.ndarray:
-    s = calib.SIZE
-    x = imgs.reshape(len(imgs), 32, s // 32, 32, s // 32).mean(axis=(2, 4)).reshape(len(imgs), -1)
-    return calib.l2(x - x.mean(axis=0)) if centre else calib.l2(x)
 
 
 def to_input(imgs: np.ndarray, standardise: bool, crop: float = 1.0) -> torch.Tensor:
@@ -323,13 +310,13 @@ def main() -> None:
         t = time.perf_counter()
         r18 = r18_features(net, imgs)
         print(f"{variant}: rendered in {t_render:.0f} s, features in {time.perf_counter() - t:.0f} s", flush=True)
-        record(variant, "raw32", raw32(imgs))
+        record(variant, "raw32", calib.raw32(imgs))
         record(variant, "r18", r18)
         record(variant, "r18-centred", centred(r18))
         if variant != "baseline":
             continue
         # Feature-side variants and the variance decomposition, on the baseline images.
-        record(variant, "raw32-uncentred", raw32(imgs, centre=False))
+        record(variant, "raw32-uncentred", calib.raw32(imgs, centre=False))
         recal = r18_features(recalibrated(net, imgs, args.bn_images, args.seed), imgs)
         record(variant, "r18-bn-recal", recal)
         record(variant, "r18-bn-recal-c", centred(recal))
@@ -342,8 +329,8 @@ def main() -> None:
         cropped = r18_features(net, imgs, crop=224 / 256)
         record(variant, "r18-eval-crop", cropped)
         groups = nuisance_table(rows)
-        feats = {"raw32": raw32(imgs), "r18": r18, "r18-bn-recal": recal, "r18-std-input": std_in, "r18-map": spatial}
-        extra["mean_cosine"] = {"raw32": mean_cosine(raw32(imgs, centre=False)), "raw32-centred": mean_cosine(raw32(imgs)),
+        feats = {"raw32": calib.raw32(imgs), "r18": r18, "r18-bn-recal": recal, "r18-std-input": std_in, "r18-map": spatial}
+        extra["mean_cosine"] = {"raw32": mean_cosine(calib.raw32(imgs, centre=False)), "raw32-centred": mean_cosine(calib.raw32(imgs)),
                                 "r18": mean_cosine(r18), "r18-centred": mean_cosine(centred(r18)),
                                 "r18-bn-recal": mean_cosine(recal), "r18-std-input": mean_cosine(std_in),
                                 "r18-map": mean_cosine(spatial)}
