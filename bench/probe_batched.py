@@ -29,7 +29,7 @@ Then times the batched probe alone at 512-d.
     python bench/probe_batched.py --threads 2
     python bench/probe_batched.py --threads 2 --sklearn-episodes 100   # time a subset of the loop
     python bench/probe_batched.py --threads 2 --separation 2.5         # harder tasks (AUROC ~0.69 at 50 shots)
-    python bench/probe_batched.py --threads 2 --workers 1              # torch's intra-op threads instead
+    python bench/probe_batched.py --threads 2 --workers 1              # one worker on one core
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--breakdown", action="store_true", help="also print where the batched CPU time goes")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=None,
-                        help="ProbeConfig.workers: threads that split the episodes (default: min(2, --threads))")
+                        help="ProbeConfig.workers: workers that split the episodes (default: min(2, --threads))")
     parser.add_argument("--parallel", default="auto", choices=("auto", "processes", "threads"),
                         help="ProbeConfig.parallel: how the workers share the CPU")
     parser.add_argument("--ops", action="store_true",

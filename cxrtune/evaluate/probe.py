@@ -121,9 +121,9 @@ class ProbeConfig(Config):
     chunk: int = param(2 ** 19, low=1, doc="Gram entries solved per batch (problems x N^2); 4 MB keeps a batch's "
                        "matrices in cache (81 problems of 80 samples; measured fastest)")
     device: str = param("cpu", doc="torch device for the solver: cpu, cuda, cuda:1 or auto")
-    workers: int | None = param(None, low=1, doc="CPU threads that each solve a share of the episodes, torch "
-                                "itself held to one thread meanwhile; None = min(2, torch.get_num_threads()); "
-                                "a GPU runs the grid as one stream")
+    workers: int | None = param(None, low=1, doc="CPU workers (processes or threads, see parallel) that each solve "
+                                "a share of the episodes, torch itself held to one thread meanwhile; None = min(2, "
+                                "torch.get_num_threads()); a GPU runs the grid as one stream")
     parallel: str = param("auto", choices=("auto", "processes", "threads"),
                           doc="how workers share the CPU: processes (forked children that inherit the features; "
                           "Linux only), threads (the Python between ops holds the GIL: slower), or auto = "
