@@ -101,9 +101,18 @@ def test_batched_probe_equals_a_fully_converged_sklearn_probe(grid):
 def test_probe_refuses_nan_features_and_tasks_without_test_positives(grid):
     episodes, features, x, row_of_id = grid
     broken = features.copy()
-    broken[row_of_id[episodes.iloc[0].train_ids[0]], 3] = np.nan
-    with pytest.raises(DataError, match="NaN"):
-        fit_probes(broken, episodes.head(2), row_of_id)
+    nan_row = row_of_id[episodes.iloc[0].train_ids[0]]
+    broken[nan_row, 3] = np.nan
+    with pytest.raises(DataError, match=rf"1 of \d+ feature rows contain NaN or inf \(rows \[{nan_row}\]"):
+        fit_probes(broken, episodes.head(2), row_of_id)  # the row named by its number in the features
+    zero = features.copy()
+    zero[nan_row] = 0.0
+    with pytest.raises(DataError, match=rf"feature rows \[{nan_row}\] are all zero"):
+        fit_probes(zero, episodes.head(2), row_of_id)
+    uneven = episodes.head(1).copy()
+    uneven.at[uneven.index[0], "train_labels"] = list(uneven.iloc[0].train_labels)[:-1]
+    with pytest.raises(TaskError, match=r"episode \(disease .*\): \d+ train ids but \d+ train labels"):
+        fit_probes(features, uneven, row_of_id)
     bad = episodes.head(1).copy()
     bad.at[bad.index[0], "test_labels"] = [0] * len(bad.iloc[0].test_labels)
     with pytest.raises(TaskError, match="test set has 0 positives"):
