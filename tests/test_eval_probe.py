@@ -261,6 +261,7 @@ def _fails_in_a_child(parent: int, how: str):
             if how == "raise":
                 raise TaskError("episode 7 is malformed (raised in the child)")
             os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer would
+        time.sleep(0.2)  # the workers share a queue of pieces: leave the child some
         return real(*args, **kwargs)
 
     return fit_group
@@ -297,6 +298,48 @@ def test_a_failing_worker_process_fails_the_call_clearly_and_leaves_no_process(g
     assert not probe._UNREAPED and len(forked) == 1
     with pytest.raises(ChildProcessError):  # the worker process was collected: no zombie left
         os.waitpid(forked[0], os.WNOHANG)
+
+
+def test_piece_queue_hands_each_piece_to_exactly_one_worker_process_or_thread():
+    """The workers' shared queue: forked processes and threads draw from it at once, every piece
+    is taken once, and a slow worker simply takes fewer (the balance of the two cores)."""
+    from cxrtune.evaluate.probe import _PieceQueue
+
+    n = 400
+    with _PieceQueue(n) as queue:
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # a worker process: takes pieces slowly, reports them
+            try:
+                taken = []
+                for piece in queue:
+                    taken.append(piece)
+                    time.sleep(0.002)
+                os.write(write, np.asarray(taken, dtype=np.int64).tobytes())
+            finally:
+                os._exit(0)
+        os.close(write)
+        threads_took: list[list[int]] = [[], []]
+
+        def drain(out: list[int]) -> None:
+            out.extend(queue)
+
+        workers = [threading.Thread(target=drain, args=(out,)) for out in threads_took]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        with os.fdopen(read, "rb") as pipe:
+            child_took = np.frombuffer(pipe.read(), dtype=np.int64).tolist()
+        os.waitpid(pid, 0)
+    everything = child_took + threads_took[0] + threads_took[1]
+    assert sorted(everything) == list(range(n))  # each piece exactly once
+    assert len(child_took) < n / 2  # the slow worker took fewer
+    assert all(a < b for a, b in zip(child_took, child_took[1:]))  # in queue order
+    from cxrtune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="20000 pieces of work are too many"):
+        _PieceQueue(20000)
 
 
 def test_processes_are_refused_where_fork_is_missing_and_auto_stays_in_threads(grid, monkeypatch):

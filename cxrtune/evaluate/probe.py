@@ -59,9 +59,12 @@ Why it is fast:
   convergence skips the backward solve, the step and the line search; the loss at the accepted
   point and ``G alpha`` are carried from one iteration, and one C, to the next.
 * **Both cores, by data parallelism** (``ProbeConfig.workers``, ``ProbeConfig.parallel``). Each
-  training size's episodes are split into equal shares, one per worker, torch and numpy's BLAS
+  training size's episodes are split into one piece per worker, and the workers take pieces
+  from one queue, the largest training sizes first: a worker that the machine slows down takes
+  fewer of the later, smaller pieces, so the workers finish together. Torch and numpy's BLAS are
   held to one thread meanwhile (their own threading costs more than it gains on these small
-  ops). On Linux the workers are forked processes: they inherit the features by copy-on-write
+  ops), and the solver runs in inference mode (no autograd bookkeeping: about 8 % at one
+  worker). On Linux the workers are forked processes: they inherit the features by copy-on-write
   and send back a few numbers per episode, and no worker waits for the GIL, which the Python
   between the ~80 small ops of a Newton iteration holds (threads gave 1.25x on 2 cores, processes
   about 1.6x: each worker re-faults the memory it writes, shared copy-on-write after the fork, and
@@ -121,8 +124,8 @@ class ProbeConfig(Config):
     chunk: int = param(2 ** 19, low=1, doc="Gram entries solved per batch (problems x N^2); 4 MB keeps a batch's "
                        "matrices in cache (81 problems of 80 samples; measured fastest)")
     device: str = param("cpu", doc="torch device for the solver: cpu, cuda, cuda:1 or auto")
-    workers: int | None = param(None, low=1, doc="CPU workers (processes or threads, see parallel) that each solve "
-                                "a share of the episodes, torch itself held to one thread meanwhile; None = min(2, "
+    workers: int | None = param(None, low=1, doc="CPU workers (processes or threads, see parallel) that take "
+                                "pieces of the episodes from one queue, torch itself held to one thread meanwhile; None = min(2, "
                                 "torch.get_num_threads()); a GPU runs the grid as one stream")
     parallel: str = param("auto", choices=("auto", "processes", "threads"),
                           doc="how workers share the CPU: processes (forked children that inherit the features; "
@@ -554,36 +557,46 @@ def fit_probes(features: np.ndarray | torch.Tensor, episodes: pd.DataFrame, row_
     x = _as_matrix(features, "features")
     x = x.to(device, torch.float64 if x.dtype == torch.float64 else torch.float32).contiguous()
     workers = 1 if device.type != "cpu" else config.workers or min(2, torch.get_num_threads())
-    with _solver_threads(device):
+    # inference mode: no autograd bookkeeping on the solver's thousands of small ops
+    with _solver_threads(device), torch.inference_mode():
         by_size: dict[int, list[int]] = {}
         for e, size in enumerate(map(len, episodes["train_ids"].tolist())):
             by_size.setdefault(size, []).append(e)
-        # Each training size splits into `workers` equal shares of episodes, the largest sizes
-        # first, so the workers finish together; an episode's arithmetic is the same in any share.
-        splits = [np.array_split(np.asarray(members), min(workers, len(members)))
-                  for _, members in sorted(by_size.items(), reverse=True)]
-        parts = [[split[w] for split in splits if w < len(split)] for w in range(workers)]
-        parts = [part for part in parts if part]
+        # Each training size splits into `workers` pieces of episodes; the workers take pieces from
+        # one queue, the largest sizes first, so a worker slowed by the machine takes fewer of the
+        # later (smaller) pieces and the two finish together. An episode's arithmetic is the same
+        # in any piece.
+        pieces = [piece for _, members in sorted(by_size.items(), reverse=True)
+                  for piece in np.array_split(np.asarray(members), min(workers, len(members)))]
+        workers = min(workers, len(pieces))
+        rows = x.shape[0]
 
-        def solve(part: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-            # each worker looks up and checks its own episodes' rows and labels
-            members = np.concatenate(part)
-            arrays = dict(zip(members.tolist(), _episode_arrays(episodes.iloc[members], row_of_id)))
-            # and the norms of the rows they use (only those are checked for NaN, inf or zero)
-            used = torch.as_tensor(np.unique(np.concatenate([np.concatenate([a[0], a[2]]) for a in arrays.values()])),
-                                   device=device)
-            inv_norm = torch.zeros(x.shape[0], dtype=torch.float64, device=device)
-            inv_norm[used] = 1.0 / _row_norms(x, "features", used)
-            return [(share, _fit_group(x, inv_norm, [arrays[e] for e in share.tolist()], config, device))
-                    for share in part]
+        def work(queue: _PieceQueue) -> list[tuple[np.ndarray, np.ndarray]]:
+            # each worker looks up and checks its pieces' rows and labels, and computes the norms
+            # of the rows they use, once each (only those are checked for NaN, inf or zero)
+            inv_norm = torch.zeros(rows, dtype=torch.float64, device=device)
+            known = torch.zeros(rows, dtype=torch.bool, device=device)
+            out = []
+            for p in queue:
+                members = pieces[p]
+                arrays = _episode_arrays(episodes.iloc[members], row_of_id)
+                used = torch.as_tensor(np.unique(np.concatenate([np.concatenate([a[0], a[2]]) for a in arrays])),
+                                       device=device)
+                new = used[~known[used]]
+                if len(new):
+                    inv_norm[new] = 1.0 / _row_norms(x, "features", new)
+                    known[new] = True
+                out.append((members, _fit_group(x, inv_norm, arrays, config, device)))
+            return out
 
-        if len(parts) <= 1:
-            solved = solve(parts[0]) if parts else []
-        elif _use_processes(config.parallel):
-            solved = _forked_map(solve, parts)
-        else:  # threads: torch and numpy release the GIL inside their ops
-            with ThreadPoolExecutor(len(parts), thread_name_prefix="probe") as pool:
-                solved = [row for rows in pool.map(solve, parts) for row in rows]
+        with _PieceQueue(len(pieces)) as queue:
+            if workers <= 1:
+                solved = work(queue)
+            elif _use_processes(config.parallel):
+                solved = _forked_map(lambda _: work(queue), range(workers))
+            else:  # threads: torch and numpy release the GIL inside their ops
+                with ThreadPoolExecutor(workers, thread_name_prefix="probe") as pool:
+                    solved = [row for rows in pool.map(lambda _: work(queue), range(workers)) for row in rows]
     scores = np.empty((len(episodes), len(_SCORES)))
     for share, values in solved:
         scores[share] = values
@@ -591,6 +604,43 @@ def fit_probes(features: np.ndarray | torch.Tensor, episodes: pd.DataFrame, row_
     for j, key in enumerate(_SCORES):
         frame[key] = scores[:, j]
     return frame
+
+
+class _PieceQueue:
+    """The numbers ``0 .. n - 1``, each taken by exactly one of the workers that iterate over it,
+    in order: threads, or processes forked while it is open (they inherit the pipe).
+
+    A pipe holds the numbers as 4-byte records, written at once before any worker starts; a read
+    of one record is atomic between processes and threads alike (Linux serialises reads of a
+    pipe), and the end of the pipe ends every worker's iteration.
+    """
+
+    _RECORD = 4
+
+    def __init__(self, n: int) -> None:
+        payload = np.arange(n, dtype=np.int32).tobytes()
+        if len(payload) > 65536:  # the pipe's capacity (Linux): written before any reader runs
+            raise ConfigError(f"probe: {n} pieces of work are too many for one queue (at most 16384); "
+                              "use fewer ProbeConfig.workers")
+        self._read, write = os.pipe()
+        try:
+            while payload:
+                payload = payload[os.write(write, payload):]
+        finally:
+            os.close(write)
+
+    def __iter__(self):
+        while True:
+            record = os.read(self._read, self._RECORD)
+            if not record:
+                return
+            yield int(np.frombuffer(record, dtype=np.int32)[0])
+
+    def __enter__(self) -> "_PieceQueue":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self._read)
 
 
 @contextlib.contextmanager
