@@ -13,6 +13,11 @@ the tidy results next to the run (``<out>/results.parquet``).
 
     python bench/ssl_vs_random.py --minutes 50 --epochs 26   # the figure in docs/performance.md
     python bench/ssl_vs_random.py --minutes 2 --n-pretrain 2000   # a quick look
+    python bench/ssl_vs_random.py --combine bench-runs/ssl_vs_random_seed1 bench-runs/ssl_vs_random_seed2
+
+``--combine`` runs nothing: it reads the results of earlier runs (other seeds of the same
+benchmark) and prints each run's difference and the seeds' average, finding by finding, with its
+95 % bootstrap CI over the findings.
 """
 
 from __future__ import annotations
@@ -43,7 +48,12 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="engine config override")
     ap.add_argument("--out", default="bench-runs/ssl_vs_random")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--combine", nargs="+", metavar="RUN_DIR",
+                    help="only combine the results.parquet of these earlier runs (seeds); no pretraining")
     args = ap.parse_args()
+    if args.combine:
+        combine([Path(d) for d in args.combine])
+        return
     torch.set_num_threads(args.threads)
 
     from cxrtune.cli import parse_options
@@ -102,6 +112,30 @@ def main() -> None:
     print(per.round(3).to_string())
     print("\n".join(lines))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def combine(runs: list[Path]) -> None:
+    """Each run's SSL - random difference per finding, and their average over the runs (seeds)."""
+    from cxrtune.evaluate.stats import bootstrap_ci
+
+    diffs = {}
+    for run in runs:
+        path = run / "results.parquet"
+        if not path.is_file():
+            raise SystemExit(f"--combine: {path} does not exist; give run folders written by this benchmark")
+        per = pd.read_parquet(path).groupby(["shots", "disease", "backbone"])["auroc"].mean().unstack("backbone")
+        diffs[run.name] = per["ssl"] - per["random"]
+    table = pd.DataFrame(diffs)
+    if table.isna().any().any():
+        raise SystemExit("--combine: the runs do not share their (shots, finding) cells; combine runs of one protocol")
+    table["mean"] = table.mean(axis=1)
+    print(table.round(3).to_string())
+    for shots, part in table.groupby(level="shots"):
+        for name in table.columns:
+            low, high = bootstrap_ci(part[name].to_numpy())
+            label = f"average of {len(runs)} runs" if name == "mean" else name
+            print(f"{shots} shots, {label}: difference {part[name].mean():+.3f} "
+                  f"[95 % CI {low:+.3f}, {high:+.3f}] over {len(part)} findings")
 
 
 if __name__ == "__main__":
