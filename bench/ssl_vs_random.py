@@ -17,7 +17,11 @@ the tidy results next to the run (``<out>/results.parquet``).
 
 ``--combine`` runs nothing: it reads the results of earlier runs (other seeds of the same
 benchmark) and prints each run's difference and the seeds' average, finding by finding, with its
-95 % bootstrap CI over the findings.
+95 % bootstrap CI over the findings. ``--reprobe`` probes the final backbones of earlier runs, and
+the random init each started from, again on their own episodes, with the images rendered at
+``--probe-size`` (e.g. backbones pretrained at 64 px, probed on 128 px images):
+
+    python bench/ssl_vs_random.py --reprobe bench-runs/ssl_vs_random_seed1 --probe-size 128
 """
 
 from __future__ import annotations
@@ -50,9 +54,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--combine", nargs="+", metavar="RUN_DIR",
                     help="only combine the results.parquet of these earlier runs (seeds); no pretraining")
+    ap.add_argument("--reprobe", nargs="+", metavar="RUN_DIR",
+                    help="only probe the final backbones of these earlier runs again, at --probe-size")
+    ap.add_argument("--probe-size", type=int, default=None, help="image side for --reprobe (default: --size)")
     args = ap.parse_args()
     if args.combine:
         combine([Path(d) for d in args.combine])
+        return
+    if args.reprobe:
+        reprobe([Path(d) for d in args.reprobe], args)
         return
     torch.set_num_threads(args.threads)
 
@@ -136,6 +146,46 @@ def combine(runs: list[Path]) -> None:
             label = f"average of {len(runs)} runs" if name == "mean" else name
             print(f"{shots} shots, {label}: difference {part[name].mean():+.3f} "
                   f"[95 % CI {low:+.3f}, {high:+.3f}] over {len(part)} findings")
+
+
+def reprobe(runs: list[Path], args: argparse.Namespace) -> None:
+    """The final backbone of each run and its random init, probed on the run's episodes at --probe-size."""
+    from cxrtune.data.cache import get_cache
+    from cxrtune.data.sources.base import make_source
+    from cxrtune.data.tasks import load_episodes
+    from cxrtune.evaluate.stats import bootstrap_ci
+    from cxrtune.models.backbone import build_backbone
+    from cxrtune.trial import ProbeJudge, TrialConfig
+
+    torch.set_num_threads(args.threads)
+    size = args.probe_size or args.size
+    source = make_source("phantom", None, n_pretrain=args.n_pretrain, val_pos=args.val_pos)
+    cache = get_cache(source, size=size, progress=True)
+    diffs = {}
+    for run in runs:
+        checkpoints = sorted((run / "run" / "checkpoints").glob("epoch-*.pt"))
+        if not checkpoints or not (run / "episodes.parquet").is_file():
+            raise SystemExit(f"--reprobe: {run} holds no run/checkpoints/epoch-*.pt or episodes.parquet; "
+                             "give run folders written by this benchmark")
+        config = json.loads((run / "run" / "config.json").read_text())
+        episodes = load_episodes(run / "episodes.parquet")
+        trial = TrialConfig(cache=str(cache.path), episodes=str(run / "episodes.parquet"),
+                            probe_input_size=size, probe_crop_fraction=1.0)
+        judge = ProbeJudge(cache, episodes, trial, "cpu")
+        models = {"ssl": build_backbone(config["model.arch"], init=str(checkpoints[-1])),
+                  "random": build_backbone(config["model.arch"], init="random", seed=config["train.seed"],
+                                           in_chans=config["model.in_chans"])}
+        per = {name: judge(model)[1].groupby("disease")["auroc"].mean() for name, model in models.items()}
+        diff = per["ssl"] - per["random"]
+        low, high = bootstrap_ci(diff.to_numpy())
+        print(f"{run.name} ({checkpoints[-1].name}) probed at {size} px: SSL {per['ssl'].mean():.3f}  random init "
+              f"{per['random'].mean():.3f}  difference {diff.mean():+.3f} [95 % CI {low:+.3f}, {high:+.3f}]", flush=True)
+        diffs[run.name] = diff
+    if len(diffs) > 1:
+        mean = pd.DataFrame(diffs).mean(axis=1)
+        low, high = bootstrap_ci(mean.to_numpy())
+        print(f"average of {len(diffs)} runs at {size} px: difference {mean.mean():+.3f} [95 % CI {low:+.3f}, {high:+.3f}] "
+              f"over {len(mean)} findings")
 
 
 if __name__ == "__main__":
