@@ -9,7 +9,7 @@ AUROCs sit in the study's range rather than at 1.0.
 Both sides run in this process on the same episodes and features, with the same thread count:
 
 * batched: ``cxrtune.evaluate.probe.fit_probes`` (float64 solves; its default ``workers``, so
-  ``min(2, --threads)`` workers that split the episodes, each op on one thread; its default
+  ``min(2, --threads)`` workers that take pieces of the episodes from one queue, each op on one thread; its default
   ``parallel``: forked worker processes on Linux, ``--parallel threads`` for threads);
 * reference: ``LogisticRegressionCV(Cs, cv=min(5, n), scoring=accuracy)`` per episode
   (``LogisticRegression(C=1)`` at one shot), scikit-learn's defaults otherwise (the study's probe),
@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--breakdown", action="store_true", help="also print where the batched CPU time goes")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=None,
-                        help="ProbeConfig.workers: workers that split the episodes (default: min(2, --threads))")
+                        help="ProbeConfig.workers: workers that share the episodes (default: min(2, --threads))")
     parser.add_argument("--parallel", default="auto", choices=("auto", "processes", "threads"),
                         help="ProbeConfig.parallel: how the workers share the CPU")
     parser.add_argument("--ops", action="store_true",

@@ -69,9 +69,9 @@ Why it is fast:
   between the ~80 small ops of a Newton iteration holds (threads gave 1.25x on 2 cores, processes
   about 1.6-1.7x: the fork takes about 15 ms, and two halves of the grid side by side take 0.37 s
   against 0.34 s for one half alone, the cores' contention; a worker kept alive between calls
-  measured no faster than one forked per call). The cyclic garbage collector is off while the workers run. Threads are the fallback
-  elsewhere, and ``auto`` also keeps to threads in a process that runs other Python threads (a
-  fork copies only the calling thread). An episode's arithmetic does not depend on its share: the
+  measured no faster than one forked per call). The cyclic garbage collector is off while the
+  workers run. Threads are the fallback elsewhere, and ``auto`` also keeps to threads in a process
+  that runs other Python threads (a fork copies only the calling thread). An episode's arithmetic does not depend on its piece: the
   results equal one worker's (bit for bit on the benchmark's grid, tested).
 """
 
