@@ -46,3 +46,28 @@ def test_augment_bench_pipelines_agree_on_shape_and_scale():
     ref = bench.per_sample_pipeline(48, cfg)(Image.fromarray(images[0]))
     ours = BatchAugment(cfg, 48, torch.Generator().manual_seed(0))(torch.from_numpy(images))
     assert ref.shape == ours.shape[1:] == (1, 48, 48)
+
+
+def test_ssl_vs_random_combine_averages_runs_finding_by_finding(tmp_path, capsys):
+    """--combine: each run's SSL - random difference and the runs' average, from their results files."""
+    import pandas as pd
+
+    bench = _load("ssl_vs_random")
+    diseases = [f"finding{k}" for k in range(4)]
+    gains = {"seed1": [0.04, 0.00, 0.02, -0.02], "seed2": [0.06, 0.02, 0.00, 0.00]}
+    for run, gain in gains.items():
+        rows = []
+        for d, g in zip(diseases, gain):
+            for trial in range(2):  # two trials per finding: their mean is the finding's AUROC
+                rows.append({"backbone": "random", "shots": 20, "disease": d, "trial": trial, "auroc": 0.5 + 0.01 * trial})
+                rows.append({"backbone": "ssl", "shots": 20, "disease": d, "trial": trial,
+                             "auroc": 0.5 + 0.01 * trial + g})
+        (tmp_path / run).mkdir()
+        pd.DataFrame(rows).to_parquet(tmp_path / run / "results.parquet")
+    bench.combine([tmp_path / "seed1", tmp_path / "seed2"])
+    out = capsys.readouterr().out
+    assert "20 shots, seed1: difference +0.010" in out
+    assert "20 shots, seed2: difference +0.020" in out
+    assert "20 shots, average of 2 runs: difference +0.015" in out
+    with pytest.raises(SystemExit, match="does not exist"):
+        bench.combine([tmp_path / "seed1", tmp_path / "missing"])
