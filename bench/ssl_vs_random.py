@@ -74,7 +74,7 @@ def main() -> None:
     from cxrtune.engine.train import pretrain
     from cxrtune.evaluate.stats import bootstrap_ci
     from cxrtune.models.backbone import build_backbone
-    from cxrtune.trial import ProbeJudge, TrialConfig, pretrain_rows
+    from cxrtune.trial import pretrain_rows
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -95,17 +95,8 @@ def main() -> None:
     result = pretrain(config, cache.images, out / "run", rows=rows, progress=True)
     minutes = (time.time() - started) / 60
 
-    # the sweeps' own judge: same rows, preprocessing (the whole cached image at --size) and probe
     save_episodes(episodes, out / "episodes.parquet")
-    trial = TrialConfig(cache=str(cache.path), episodes=str(out / "episodes.parquet"),
-                        probe_input_size=args.size, probe_crop_fraction=1.0)
-    judge = ProbeJudge(cache, episodes, trial, "cpu")
-    tables = []
-    for name, model in (("ssl", result.backbone), ("random", random_init)):
-        _, table = judge(model)
-        table.insert(0, "backbone", name)
-        tables.append(table)
-    results = pd.concat(tables, ignore_index=True)
+    results = probe_pair(cache, episodes, out / "episodes.parquet", args.size, result.backbone, random_init)
     results.to_parquet(out / "results.parquet")
 
     per = results.groupby(["backbone", "shots", "disease"])["auroc"].mean().unstack("backbone")
@@ -124,28 +115,53 @@ def main() -> None:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
-def combine(runs: list[Path]) -> None:
-    """Each run's SSL - random difference per finding, and their average over the runs (seeds)."""
+def probe_pair(cache, episodes: pd.DataFrame, episodes_path: Path, size: int, ssl, random_init) -> pd.DataFrame:
+    """The tidy probe results of the SSL backbone and its random init on ``episodes`` (a
+    ``backbone`` column tells them apart), through the sweeps' own judge: the same rows,
+    preprocessing (the whole cached image at ``size``) and probe."""
+    from cxrtune.trial import ProbeJudge, TrialConfig
+
+    trial = TrialConfig(cache=str(cache.path), episodes=str(episodes_path), probe_input_size=size,
+                        probe_crop_fraction=1.0)
+    judge = ProbeJudge(cache, episodes, trial, "cpu")
+    tables = []
+    for name, model in (("ssl", ssl), ("random", random_init)):
+        _, table = judge(model)
+        table.insert(0, "backbone", name)
+        tables.append(table)
+    return pd.concat(tables, ignore_index=True)
+
+
+def finding_differences(results: pd.DataFrame) -> pd.Series:
+    """SSL - random mean AUROC per (shots, finding) of one run's results."""
+    per = results.groupby(["shots", "disease", "backbone"])["auroc"].mean().unstack("backbone")
+    return per["ssl"] - per["random"]
+
+
+def report(diffs: dict[str, pd.Series]) -> None:
+    """Each run's difference and the runs' average, finding by finding, with 95 % bootstrap CIs
+    over the findings."""
     from cxrtune.evaluate.stats import bootstrap_ci
 
-    diffs = {}
-    for run in runs:
-        path = run / "results.parquet"
-        if not path.is_file():
-            raise SystemExit(f"--combine: {path} does not exist; give run folders written by this benchmark")
-        per = pd.read_parquet(path).groupby(["shots", "disease", "backbone"])["auroc"].mean().unstack("backbone")
-        diffs[run.name] = per["ssl"] - per["random"]
     table = pd.DataFrame(diffs)
     if table.isna().any().any():
-        raise SystemExit("--combine: the runs do not share their (shots, finding) cells; combine runs of one protocol")
+        raise SystemExit("the runs do not share their (shots, finding) cells; combine runs of one protocol")
     table["mean"] = table.mean(axis=1)
     print(table.round(3).to_string())
     for shots, part in table.groupby(level="shots"):
         for name in table.columns:
             low, high = bootstrap_ci(part[name].to_numpy())
-            label = f"average of {len(runs)} runs" if name == "mean" else name
+            label = f"average of {len(diffs)} runs" if name == "mean" else name
             print(f"{shots} shots, {label}: difference {part[name].mean():+.3f} "
                   f"[95 % CI {low:+.3f}, {high:+.3f}] over {len(part)} findings")
+
+
+def combine(runs: list[Path]) -> None:
+    """Each run's SSL - random difference per finding, and their average over the runs (seeds)."""
+    missing = [str(run / "results.parquet") for run in runs if not (run / "results.parquet").is_file()]
+    if missing:
+        raise SystemExit(f"--combine: {', '.join(missing)} does not exist; give run folders written by this benchmark")
+    report({run.name: finding_differences(pd.read_parquet(run / "results.parquet")) for run in runs})
 
 
 def reprobe(runs: list[Path], args: argparse.Namespace) -> None:
@@ -153,39 +169,30 @@ def reprobe(runs: list[Path], args: argparse.Namespace) -> None:
     from cxrtune.data.cache import get_cache
     from cxrtune.data.sources.base import make_source
     from cxrtune.data.tasks import load_episodes
-    from cxrtune.evaluate.stats import bootstrap_ci
     from cxrtune.models.backbone import build_backbone
-    from cxrtune.trial import ProbeJudge, TrialConfig
 
+    needed = ("run/checkpoints/epoch-*.pt", "run/config.json", "episodes.parquet")
+    for run in runs:  # before the (slow) cache build
+        absent = [name for name in needed if not any(run.glob(name))]
+        if absent:
+            raise SystemExit(f"--reprobe: {run} holds no {', '.join(absent)}; give run folders written by this benchmark")
     torch.set_num_threads(args.threads)
     size = args.probe_size or args.size
     source = make_source("phantom", None, n_pretrain=args.n_pretrain, val_pos=args.val_pos)
     cache = get_cache(source, size=size, progress=True)
     diffs = {}
     for run in runs:
-        checkpoints = sorted((run / "run" / "checkpoints").glob("epoch-*.pt"))
-        if not checkpoints or not (run / "episodes.parquet").is_file():
-            raise SystemExit(f"--reprobe: {run} holds no run/checkpoints/epoch-*.pt or episodes.parquet; "
-                             "give run folders written by this benchmark")
+        final = sorted((run / "run" / "checkpoints").glob("epoch-*.pt"))[-1]
         config = json.loads((run / "run" / "config.json").read_text())
-        episodes = load_episodes(run / "episodes.parquet")
-        trial = TrialConfig(cache=str(cache.path), episodes=str(run / "episodes.parquet"),
-                            probe_input_size=size, probe_crop_fraction=1.0)
-        judge = ProbeJudge(cache, episodes, trial, "cpu")
-        models = {"ssl": build_backbone(config["model.arch"], init=str(checkpoints[-1])),
-                  "random": build_backbone(config["model.arch"], init="random", seed=config["train.seed"],
-                                           in_chans=config["model.in_chans"])}
-        per = {name: judge(model)[1].groupby("disease")["auroc"].mean() for name, model in models.items()}
-        diff = per["ssl"] - per["random"]
-        low, high = bootstrap_ci(diff.to_numpy())
-        print(f"{run.name} ({checkpoints[-1].name}) probed at {size} px: SSL {per['ssl'].mean():.3f}  random init "
-              f"{per['random'].mean():.3f}  difference {diff.mean():+.3f} [95 % CI {low:+.3f}, {high:+.3f}]", flush=True)
-        diffs[run.name] = diff
-    if len(diffs) > 1:
-        mean = pd.DataFrame(diffs).mean(axis=1)
-        low, high = bootstrap_ci(mean.to_numpy())
-        print(f"average of {len(diffs)} runs at {size} px: difference {mean.mean():+.3f} [95 % CI {low:+.3f}, {high:+.3f}] "
-              f"over {len(mean)} findings")
+        random_init = build_backbone(config["model.arch"], init="random", seed=config["train.seed"],
+                                     in_chans=config["model.in_chans"])
+        results = probe_pair(cache, load_episodes(run / "episodes.parquet"), run / "episodes.parquet", size,
+                             build_backbone(config["model.arch"], init=str(final)), random_init)
+        means = results.groupby(["backbone", "disease"])["auroc"].mean().groupby("backbone").mean()
+        print(f"{run.name} ({final.name}) probed at {size} px: SSL {means['ssl']:.3f}  random init {means['random']:.3f}",
+              flush=True)
+        diffs[f"{run.name} at {size} px"] = finding_differences(results)
+    report(diffs)
 
 
 if __name__ == "__main__":

@@ -71,3 +71,21 @@ def test_ssl_vs_random_combine_averages_runs_finding_by_finding(tmp_path, capsys
     assert "20 shots, average of 2 runs: difference +0.015" in out
     with pytest.raises(SystemExit, match="does not exist"):
         bench.combine([tmp_path / "seed1", tmp_path / "missing"])
+    other = pd.read_parquet(tmp_path / "seed2" / "results.parquet").assign(shots=5)  # another protocol
+    (tmp_path / "five").mkdir()
+    other.to_parquet(tmp_path / "five" / "results.parquet")
+    with pytest.raises(SystemExit, match="do not share their"):
+        bench.combine([tmp_path / "seed1", tmp_path / "five"])
+
+
+def test_ssl_vs_random_reprobe_refuses_a_folder_that_is_not_a_run_before_building_a_cache(tmp_path, monkeypatch):
+    import argparse
+
+    bench = _load("ssl_vs_random")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "episodes.parquet").write_bytes(b"")
+    import cxrtune.data.cache as cache
+
+    monkeypatch.setattr(cache, "get_cache", lambda *a, **k: pytest.fail("built a cache for a folder that is not a run"))
+    with pytest.raises(SystemExit, match=r"holds no run/checkpoints/epoch-\*.pt, run/config.json"):
+        bench.reprobe([tmp_path], argparse.Namespace(threads=1, probe_size=128, size=64, n_pretrain=10, val_pos=2))
