@@ -9,8 +9,9 @@ AUROCs sit in the study's range rather than at 1.0.
 Both sides run in this process on the same episodes and features, with the same thread count:
 
 * batched: ``cxrtune.evaluate.probe.fit_probes`` (float64 solves; its default ``workers``, so
-  ``min(2, --threads)`` workers that take pieces of the episodes from one queue, each op on one thread; its default
-  ``parallel``: forked worker processes on Linux, ``--parallel threads`` for threads);
+  ``min(2, --threads)`` workers that take pieces of the episodes from one queue, each op on one
+  thread; its default ``parallel``: forked worker processes on Linux, ``--parallel threads`` for
+  threads);
 * reference: ``LogisticRegressionCV(Cs, cv=min(5, n), scoring=accuracy)`` per episode
   (``LogisticRegression(C=1)`` at one shot), scikit-learn's defaults otherwise (the study's probe),
   with BLAS limited to ``--sklearn-blas-threads`` (1 by default: on these small problems extra BLAS

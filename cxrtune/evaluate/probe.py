@@ -71,8 +71,9 @@ Why it is fast:
   against 0.34 s for one half alone, the cores' contention; a worker kept alive between calls
   measured no faster than one forked per call). The cyclic garbage collector is off while the
   workers run. Threads are the fallback elsewhere, and ``auto`` also keeps to threads in a process
-  that runs other Python threads (a fork copies only the calling thread). An episode's arithmetic does not depend on its piece: the
-  results equal one worker's (bit for bit on the benchmark's grid, tested).
+  that runs other Python threads (a fork copies only the calling thread). An episode's arithmetic
+  does not depend on its piece: the results equal one worker's (bit for bit on the benchmark's
+  grid, tested).
 """
 
 from __future__ import annotations
@@ -125,8 +126,8 @@ class ProbeConfig(Config):
                        "matrices in cache (81 problems of 80 samples; measured fastest)")
     device: str = param("cpu", doc="torch device for the solver: cpu, cuda, cuda:1 or auto")
     workers: int | None = param(None, low=1, doc="CPU workers (processes or threads, see parallel) that take "
-                                "pieces of the episodes from one queue, torch itself held to one thread meanwhile; None = min(2, "
-                                "torch.get_num_threads()); a GPU runs the grid as one stream")
+                                "pieces of the episodes from one queue, torch itself held to one thread "
+                                "meanwhile; None = min(2, torch.get_num_threads()); a GPU runs the grid as one stream")
     parallel: str = param("auto", choices=("auto", "processes", "threads"),
                           doc="how workers share the CPU: processes (forked children that inherit the features; "
                           "Linux only), threads (the Python between ops holds the GIL: slower), or auto = "
