@@ -58,7 +58,7 @@ import phantom_calibration as calib  # noqa: E402
 from cxrtune.data.phantom import render as phantom_render  # noqa: E402
 from cxrtune.data.phantom.builder import PhantomConfig, plan_rows  # noqa: E402
 from cxrtune.data.phantom.findings import FINDINGS, NORMAL  # noqa: E402
-from cxrtune.data.phantom.render import PatientParams, StudyParams  # noqa: E402
+from cxrtune.data.phantom.render import PatientParams, StudyParams, with_correlates  # noqa: E402
 
 #: Field overrides of ``StudyParams`` that switch one nuisance off (mid-range values for the
 #: exposure, so the images keep their usual grey levels).
@@ -95,7 +95,11 @@ DENSITY = ("soft_tissue", "bone_density", "lung_density", "vessel_density", "bre
 #: geometry and density groups each at mid-range, the other group as drawn.
 ANATOMY_KEYS = {"half-soft-tissue": ("soft_tissue",), "mid-soft-tissue": ("soft_tissue",),
                 "mid-geometry": GEOMETRY, "mid-density": DENSITY, "half-density": DENSITY}
-IMAGE_VARIANTS = ("baseline", *NUISANCE_OFF, "all-off", *ANATOMY_SPREAD, "severity-floor")
+#: Multiplier of the findings' clinical correlates (``render.CORRELATES``) in the correlate variants
+#: (1 in every other variant, as the phantom renders; 0 renders as phantom version 5 did, apart
+#: from version 6's stronger callus).
+CORRELATE_VARIANTS = {"no-correlates": 0.0, "half-correlates": 0.5, "double-correlates": 2.0}
+IMAGE_VARIANTS = ("baseline", *NUISANCE_OFF, "all-off", *ANATOMY_SPREAD, "severity-floor", *CORRELATE_VARIANTS)
 _ORIGINAL_DRAW = StudyParams.draw.__func__
 _ORIGINAL_PATIENT_DRAW = PatientParams.draw.__func__
 
@@ -103,7 +107,7 @@ _ORIGINAL_PATIENT_DRAW = PatientParams.draw.__func__
 def overrides_of(variant: str) -> tuple[dict, float]:
     """(StudyParams fields that ``variant`` overrides, spread of the patient parameters about
     their mid-range values)."""
-    if variant in ("baseline", "severity-floor"):
+    if variant in ("baseline", "severity-floor", *CORRELATE_VARIANTS):
         return {}, 1.0
     if variant == "all-off":
         return {k: v for fields in NUISANCE_OFF.values() for k, v in fields.items()}, 1.0
@@ -145,6 +149,7 @@ def patch_study_draw(variant: str) -> None:
         return dataclasses.replace(p, **{k: mid + spread * (getattr(p, k) - mid) for k, mid in MID_ANATOMY.items()
                                          if k in keys})
 
+    phantom_render.CORRELATE_SCALE = CORRELATE_VARIANTS.get(variant, 1.0)
     phantom_render.StudyParams.draw = classmethod(draw)
     phantom_render.PatientParams.draw = classmethod(draw_patient)
 
@@ -221,7 +226,9 @@ def nuisance_table(rows: pd.DataFrame) -> dict[str, np.ndarray]:
     """Each row's nuisance parameters (as the renderer draws them) grouped by cause, plus the
     finding (one-hot) and the patient's own anatomy parameters."""
     study = [StudyParams.draw(np.random.default_rng([int(s), 2])) for s in rows["study_seed"]]
-    patient = {int(p): PatientParams.draw(np.random.default_rng([int(p), 1])) for p in rows["patient_seed"].unique()}
+    patient = {int(r.patient_seed): with_correlates(PatientParams.draw(np.random.default_rng([int(r.patient_seed), 1])),
+                                                    r.finding, r.severity)
+               for r in rows.drop_duplicates("patient_seed").itertuples(index=False)}
     col = np.array([s.collimation for s in study])
     groups = {
         "marker": np.array([[s.marker == 1, s.marker == 2, (s.marker > 0) * s.marker_pos[0],

@@ -6,10 +6,14 @@ a hit is when its nearest original is its own source. Measured on raw 64 px pixe
 random-init ResNet18 features (64 px input), over several augmentation draws. Instance
 discrimination (MoCo, BarlowTwins) can only learn where this rate is well above chance (1/256).
 
-Augmentation (mild, per image): random resized crop scale (0.5, 1) and ratio (3/4, 4/3),
-horizontal flip p 0.5, rotation +-10 degrees, brightness and contrast jitter +-0.2.
+Augmentation, per image: by default (``--recipe cpu``) the engine's own ``BatchAugment`` with
+the MoCo ``cpu`` profile's recipe, the one its pretraining uses (crop scale 0.5-1, no flip,
+rotation +-10 degrees, brightness and contrast +-0.4 with p 0.8, blur, Gaussian noise 0.1), at
+the profile's 64 px; originals are normalised the same way. ``--recipe mild`` is the earlier
+recipe of this benchmark (crop 0.5-1, horizontal flip p 0.5, rotation +-10 degrees, brightness
+and contrast +-0.2, no blur or noise); ``--ablate`` takes that recipe apart.
 
-    python bench/phantom_retrieval.py [--repeats 3] [--size 64]
+    python bench/phantom_retrieval.py [--repeats 3] [--recipe cpu|mild]
     python bench/phantom_retrieval.py --variant half-density   # a floor-diagnosis data variant
 """
 
@@ -85,7 +89,9 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--ablate", action="store_true", help="also measure each augmentation on its own")
+    ap.add_argument("--recipe", choices=("cpu", "mild"), default="cpu",
+                    help="cpu: the engine's MoCo cpu-profile augmentation (BatchAugment); mild: this bench's own")
+    ap.add_argument("--ablate", action="store_true", help="also measure each part of the mild recipe on its own")
     ap.add_argument("--variant", default="baseline",
                     help="render with a data variant of bench/phantom_floor_diagnosis.py (e.g. mid-density, "
                          "half-density): the same draws with some patient parameters moved to mid-range")
@@ -112,18 +118,40 @@ def main() -> None:
         with torch.no_grad():
             return net((t - XRAY_MEAN) / XRAY_STD)
 
-    g_pix, g_feat = x.flatten(1), feats(x)
     pix, feat = [], []
-    for k in range(args.repeats):
-        gen = torch.Generator().manual_seed(1000 + k)
-        v = augment(x, gen)
-        pix.append(retrieval_rate(g_pix, v.flatten(1)))
-        feat.append(retrieval_rate(g_feat, feats(v)))
-    print(f"view retrieval among {args.n} (chance {1 / args.n:.3%}), {args.repeats} augmentation draws:")
+    if args.recipe == "cpu":
+        from cxrtune.augment import BatchAugment
+        from cxrtune.engine.profiles import cpu
+
+        recipe = cpu("moco")
+        if recipe.train.image_size != args.size:
+            raise SystemExit(f"--size {args.size}: the cpu profile trains at {recipe.train.image_size} px; "
+                             f"use --size {recipe.train.image_size} or --recipe mild")
+        u8 = torch.from_numpy(imgs).unsqueeze(1)
+
+        def encode(t: torch.Tensor) -> torch.Tensor:  # already normalised by BatchAugment
+            with torch.no_grad():
+                return net(t)
+
+        g_norm = (x - XRAY_MEAN) / XRAY_STD
+        g_pix, g_feat = g_norm.flatten(1), encode(g_norm)
+        for k in range(args.repeats):
+            v = BatchAugment(recipe.augment, args.size, torch.Generator().manual_seed(1000 + k))(u8)
+            pix.append(retrieval_rate(g_pix, v.flatten(1)))
+            feat.append(retrieval_rate(g_feat, encode(v)))
+    else:
+        g_pix, g_feat = x.flatten(1), feats(x)
+        for k in range(args.repeats):
+            v = augment(x, torch.Generator().manual_seed(1000 + k))
+            pix.append(retrieval_rate(g_pix, v.flatten(1)))
+            feat.append(retrieval_rate(g_feat, feats(v)))
+    print(f"view retrieval among {args.n} (chance {1 / args.n:.3%}), {args.repeats} augmentation draws, "
+          f"{args.recipe} recipe:")
     print(f"  raw {args.size} px pixels:           {np.mean(pix):.1%}  (per draw {', '.join(f'{p:.1%}' for p in pix)})")
     print(f"  random-init ResNet18 features: {np.mean(feat):.1%}  (per draw {', '.join(f'{p:.1%}' for p in feat)})")
     if args.ablate:
-        print("ablation (one draw each; the flip p 0.5 is always on): pixels / features")
+        g_pix, g_feat = x.flatten(1), feats(x)
+        print("ablation of the mild recipe (one draw each; the flip p 0.5 is always on): pixels / features")
         parts = {
             "flip only": dict(scale=(1.0, 1.0), degrees=0.0, jitter=0.0),
             "flip + crop": dict(scale=(0.5, 1.0), degrees=0.0, jitter=0.0),

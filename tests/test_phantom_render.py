@@ -88,3 +88,52 @@ def test_boxes_hand_worked():
     both = boxes_of(m, mid_col=0.5)
     assert both == [(0.1, 0.2, 0.3, 0.4), (0.7, 0.5, 1.0, 0.9)]
     assert boxes_of(np.zeros((4, 4), bool)) == []
+
+
+def test_clinical_correlates_shift_the_patient(base, monkeypatch):
+    """A finding's correlates (render.CORRELATES) change the patient it is drawn on, in the
+    direction the table says and more at higher severity; normal patients and findings without a
+    correlate are untouched; scale 0 restores the uncorrelated patient."""
+    from cxrtune.data.phantom import render
+
+    plain = make_patient(base, SIZE, 5)
+    assert make_patient(base, SIZE, 5, finding="normal", severity=1.0).params == plain.params
+    assert make_patient(base, SIZE, 5, finding="fibrotic band", severity=1.0).params == plain.params
+    mild = make_patient(base, SIZE, 5, finding="pulmonary fibrosis", severity=0.0).params
+    severe = make_patient(base, SIZE, 5, finding="pulmonary fibrosis", severity=1.0).params
+    assert severe.lung_height == pytest.approx(plain.params.lung_height - 0.12)
+    assert plain.params.lung_height > mild.lung_height > severe.lung_height
+    assert severe.habitus_x == plain.params.habitus_x  # only the table's parameters move
+    # Restrictive disease: fewer lung pixels in the image of the same patient.
+    fib = make_patient(base, SIZE, 5, finding="pulmonary fibrosis", severity=1.0)
+    assert (fib.lung > 0.45 * plain.lung.max()).sum() < (plain.lung > 0.45 * plain.lung.max()).sum()
+    hernia = make_patient(base, SIZE, 5, finding="hiatal hernia", severity=0.5).params
+    assert hernia.soft_tissue == pytest.approx(plain.params.soft_tissue + 0.15 * 0.7)
+    monkeypatch.setattr(render, "CORRELATE_SCALE", 0.0)
+    assert make_patient(base, SIZE, 5, finding="pulmonary fibrosis", severity=1.0).params == plain.params
+
+
+def test_renderer_draws_each_row_on_its_findings_patient(base):
+    """Every study of a patient (rows share patient_seed) gets the same correlated patient; the
+    renderer keys patients by finding and severity too, so a cached normal patient is never reused
+    for a sick row with the same seed."""
+    import pandas as pd
+
+    from cxrtune.data.phantom.builder import Renderer
+
+    rows = pd.DataFrame([
+        {"anatomy": 0, "patient_seed": 5, "study_seed": 1, "finding": "normal", "severity": 0.0, "finding_seed": 0},
+        {"anatomy": 0, "patient_seed": 5, "study_seed": 2, "finding": "hiatal hernia", "severity": 0.9,
+         "finding_seed": 4},
+        {"anatomy": 0, "patient_seed": 5, "study_seed": 3, "finding": "hiatal hernia", "severity": 0.9,
+         "finding_seed": 4},
+    ])
+    r = Renderer((base,))
+    normal, sick, sick2 = (r.of(row, SIZE) for row in rows.itertuples(index=False))
+    assert normal.params == make_patient(base, SIZE, 5).params
+    assert sick is sick2
+    assert sick.params == make_patient(base, SIZE, 5, finding="hiatal hernia", severity=0.9).params
+    assert sick.params.soft_tissue > normal.params.soft_tissue
+    img = r.render(next(rows.iloc[[1]].itertuples(index=False)), SIZE)
+    expected = render_study(sick, 2, make_finding("hiatal hernia", sick, 4, 0.9).delta)[0]
+    assert img.tobytes() == expected.tobytes()

@@ -115,15 +115,23 @@ class Renderer:
         self._patients: dict[tuple, Patient] = {}
         self._findings: dict[tuple, object] = {}
 
-    def patient(self, anatomy: int, seed: int, size: int, light: bool = False) -> Patient:
-        key = (anatomy, seed, size, light)
+    def patient(self, anatomy: int, seed: int, size: int, light: bool = False, finding: str | None = None,
+                severity: float = 0.0) -> Patient:
+        """The patient with ``finding``'s clinical correlates (a row's patient: :meth:`of`)."""
+        key = (anatomy, seed, size, light, finding, severity)
         p = self._patients.get(key)
         if p is None:
-            p = make_patient(self.pool[anatomy % len(self.pool)], size, seed, light=light)
+            p = make_patient(self.pool[anatomy % len(self.pool)], size, seed, light=light, finding=finding,
+                             severity=severity)
             if len(self._patients) >= self.keep:
                 self._patients.pop(next(iter(self._patients)))
             self._patients[key] = p
         return p
+
+    def of(self, row, size: int, light: bool = False) -> Patient:
+        """The row's patient (its finding's correlates included)."""
+        return self.patient(int(row.anatomy), int(row.patient_seed), size, light=light, finding=row.finding,
+                            severity=float(row.severity))
 
     def finding(self, row, size: int, light: bool = False):
         """The row's finding on its patient (shared by the patient's studies)."""
@@ -131,7 +139,7 @@ class Renderer:
                float(row.severity))
         eff = self._findings.get(key)
         if eff is None:
-            p = self.patient(int(row.anatomy), int(row.patient_seed), size, light=light)
+            p = self.of(row, size, light=light)
             eff = make_finding(row.finding, p, int(row.finding_seed), float(row.severity))
             if len(self._findings) >= self.keep:
                 self._findings.pop(next(iter(self._findings)))
@@ -139,7 +147,7 @@ class Renderer:
         return eff
 
     def render(self, row, size: int) -> np.ndarray:
-        p = self.patient(int(row.anatomy), int(row.patient_seed), size)
+        p = self.of(row, size)
         if row.finding == NORMAL:
             return render_study(p, int(row.study_seed))[0]
         return render_study(p, int(row.study_seed), self.finding(row, size).delta)[0]
@@ -148,12 +156,12 @@ class Renderer:
         """The row's ground-truth mask (bool, size x size); all False for a normal image."""
         if row.finding == NORMAL:
             return np.zeros((size, size), bool)
-        p = self.patient(int(row.anatomy), int(row.patient_seed), size, light=True)
+        p = self.of(row, size, light=True)
         return pose_mask(p, int(row.study_seed), self.finding(row, size, light=True).mask)
 
     def boxes(self, row, size: int = BOX_SIZE) -> list[tuple[float, float, float, float]]:
         m = self.mask(row, size)
-        p = self.patient(int(row.anatomy), int(row.patient_seed), size, light=True)
+        p = self.of(row, size, light=True)
         return boxes_of(m, p.mid_col if row.finding in BILATERAL else None)
 
 

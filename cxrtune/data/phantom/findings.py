@@ -202,7 +202,7 @@ def callus_rib_fracture(p: Patient, rng, s: float) -> FindingEffect:
     length_mm = 28.0 + 24.0 * s
     thick_mm = 14.0 + 12.0 * s
     chord, foot = _ellipse_chord(p.size, r0, c0, 0.5 * length_mm * k, 0.5 * thick_mm * k, theta, 0.5 * thick_mm)
-    density = 3.0 + 3.0 * s
+    density = 4.0 + 3.5 * s  # version 6 (was 3 + 3 s: the ceiling CNN reached only 0.82)
     delta = chord * density
     # The fracture line: a thin lucent gap across the callus.
     R, Cc = _grid(p.size)

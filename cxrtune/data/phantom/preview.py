@@ -44,7 +44,7 @@ def preview_contact_sheet(out_png: str | Path, size: int = 256, seed: int = 0, c
         sheet.paste(Image.fromarray(img).convert("RGB"), (x, y))
         if row.finding != NORMAL:
             mask = renderer.mask(row, size)
-            p = renderer.patient(row.anatomy, row.patient_seed, size, light=True)
+            p = renderer.of(row, size, light=True)
             for x0, y0, x1, y1 in boxes_of(mask, p.mid_col if row.finding in BILATERAL else None):
                 draw.rectangle([x + x0 * size, y + y0 * size, x + x1 * size - 1, y + y1 * size - 1],
                                outline=(255, 60, 60), width=max(1, size // 128))
@@ -56,6 +56,7 @@ def preview_contact_sheet(out_png: str | Path, size: int = 256, seed: int = 0, c
     os.close(fd)
     try:
         sheet.save(tmp, format="PNG")
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a contact sheet is for anyone to look at
         os.replace(tmp, out_png)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

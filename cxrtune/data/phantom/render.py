@@ -20,7 +20,7 @@ so the same row always renders the same bytes, whatever the call order.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -203,6 +203,37 @@ class PatientParams:
         )
 
 
+#: Clinical correlates of each finding: how a patient with it differs from the population beyond
+#: the lesion itself, as shifts of ``PatientParams`` at severity 1 (a case of severity s gets
+#: ``0.4 + 0.6 s`` of each). Restrictive lung disease shrinks the lungs and aerates them less
+#: (fibrosis most, interstitial patterns less); bronchiectasis comes with air trapping (larger,
+#: more aerated lungs); hiatal hernia with obesity; rib fracture callus with osteoporosis; a lung
+#: mass with weight loss. Granuloma, fibrotic band and hemidiaphragm elevation are local findings
+#: without a systemic correlate. Real archives carry such correlates, which is why a linear probe
+#: on random features is above chance there (the study's random-init baseline: 0.55-0.59).
+CORRELATES: dict[str, dict[str, float]] = {
+    "pulmonary fibrosis": {"lung_height": -0.12, "lung_width_right": -0.08, "lung_width_left": -0.08,
+                           "lung_density": -0.08},
+    "interstitial pattern": {"lung_height": -0.06, "lung_density": -0.05},
+    "reticular interstitial pattern": {"lung_height": -0.06, "lung_density": -0.05},
+    "bronchiectasis": {"lung_height": 0.06, "lung_density": 0.05},
+    "hiatal hernia": {"habitus_x": 0.08, "soft_tissue": 0.15},
+    "callus rib fracture": {"bone_density": -0.3},
+    "pulmonary mass": {"soft_tissue": -0.12},
+}
+#: Multiplier of every correlate (0: a finding changes nothing but its lesion, as before version 6).
+CORRELATE_SCALE = 1.0
+
+
+def with_correlates(p: PatientParams, finding: str | None, severity: float) -> PatientParams:
+    """``p`` shifted by ``finding``'s clinical correlates (:data:`CORRELATES`) at ``severity``."""
+    shifts = CORRELATES.get(finding or "", {})
+    if not shifts or CORRELATE_SCALE == 0.0:
+        return p
+    k = CORRELATE_SCALE * (0.4 + 0.6 * float(severity))
+    return replace(p, **{name: getattr(p, name) + k * d for name, d in shifts.items()})
+
+
 @dataclass
 class Patient:
     """A patient's warped layers at one image size, shared by all of the patient's studies."""
@@ -272,11 +303,14 @@ def vessel_tree(rng: np.random.Generator, size: int, hila: list[tuple[float, flo
     return blur(img, 0.7 * size / 128)
 
 
-def make_patient(base: BaseAnatomy, size: int, seed: int, light: bool = False) -> Patient:
-    """A patient drawn from ``seed``. ``light`` skips vessels and breast shadows (geometry only,
-    for ground-truth masks: same landmarks and lung layers, fewer pixels to draw)."""
+def make_patient(base: BaseAnatomy, size: int, seed: int, light: bool = False, finding: str | None = None,
+                 severity: float = 0.0) -> Patient:
+    """A patient drawn from ``seed``, with ``finding``'s clinical correlates at ``severity``
+    (:data:`CORRELATES`; the lesion itself is added per study). ``light`` skips vessels and
+    breast shadows (geometry only, for ground-truth masks: same landmarks and lung layers, fewer
+    pixels to draw)."""
     rng = np.random.default_rng([int(seed), 1])
-    p = PatientParams.draw(rng)
+    p = with_correlates(PatientParams.draw(rng), finding, severity)
     L = base.at_size(size)
     g = (np.arange(size, dtype=np.float32) + 0.5) / size
     R, C = np.meshgrid(g, g, indexing="ij")

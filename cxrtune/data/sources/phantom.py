@@ -25,7 +25,7 @@ from cxrtune.data.sources.base import Source, register_source
 from cxrtune.errors import DataError
 
 #: Version of the dataset layout and renderer: part of every cache key.
-PHANTOM_VERSION = 5
+PHANTOM_VERSION = 6
 MASKS_FILE = "masks.bits"
 
 
