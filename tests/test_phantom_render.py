@@ -137,3 +137,16 @@ def test_renderer_draws_each_row_on_its_findings_patient(base):
     img = r.render(next(rows.iloc[[1]].itertuples(index=False)), SIZE)
     expected = render_study(sick, 2, make_finding("hiatal hernia", sick, 4, 0.9).delta)[0]
     assert img.tobytes() == expected.tobytes()
+
+
+def test_correlates_table_names_real_findings_and_parameters():
+    """A typo in the table would silently drop a correlate: every key must be a finding and every
+    shifted name a PatientParams field."""
+    import dataclasses
+
+    from cxrtune.data.phantom.render import CORRELATES, PatientParams
+
+    fields = {f.name for f in dataclasses.fields(PatientParams)}
+    assert set(CORRELATES) <= set(FINDINGS)
+    for finding, shifts in CORRELATES.items():
+        assert shifts and set(shifts) <= fields, finding
