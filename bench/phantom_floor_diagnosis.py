@@ -1,7 +1,8 @@
 """Why the random-init ResNet18 floor of the phantom sits at chance: a measured diagnosis.
 
 bench/phantom_calibration.py measures the floor (a logistic probe at 50 shots on raw 32 px pixels
-and on random-init ResNet18 features) and finds raw pixels at 0.557 but random features at 0.517.
+and on random-init ResNet18 features); on version 5 it found raw pixels at 0.557 but random
+features at 0.517 (version 6, with the findings' clinical correlates: 0.588 and 0.554).
 This benchmark asks whether that gap is a property of the images (a per-study nuisance that
 random convolutional features respond to more than to the findings) or of how the random
 features are computed. It renders the same few-shot pool several times, each time with one
@@ -17,9 +18,10 @@ per-study nuisance switched off, and probes each rendering the way the calibrati
   ``PatientParams`` at mid-range: between-patient anatomy reduced to the elastic warp, vessels
   and lung-marking pattern; ``half-anatomy``: each parameter halfway to mid-range;
   ``mid-geometry`` / ``mid-density``: only the sizes and positions, or only the densities and
-  textures, at mid-range (``half-density``: the densities halfway); ``half-soft-tissue`` / ``mid-soft-tissue``: soft-tissue thickness alone) and
-  ``severity-floor`` (every finding's severity lifted to
-  0.3 + 0.7 s: no faint cases);
+  textures, at mid-range (``half-density``: the densities halfway); ``half-soft-tissue`` / ``mid-soft-tissue``: soft-tissue thickness alone),
+  ``severity-floor`` (every finding's severity lifted to 0.3 + 0.7 s: no faint cases) and the
+  findings' clinical correlates (version 6, ``render.CORRELATES``) at 0, 0.5 or 2 times their
+  size (``no-correlates``, ``half-correlates``, ``double-correlates``; ``baseline`` has them at 1);
 * feature variants on the baseline images: ``r18`` as the calibration computes it (eval mode,
   untouched BatchNorm, features used as they come), ``r18-centred`` (the pool's mean feature
   subtracted before the probe's L2 normalisation, as the calibration already does for raw
