@@ -65,7 +65,7 @@ PROFILES: dict[str, dict[str, Any]] = {
                  "and the cpu profile's), judged on every held-out image; measured once on the "
                  "phantom (version 5): best trial +0.014 AUROC over random init, 95% CI [-0.009, +0.041]; "
                  "single 26-epoch runs of the same setting gave +0.009 to +0.038 (version 5) and "
-                 "+0.016 [-0.012, +0.042] (version 6), so a gain is not established at this budget"),
+                 "+0.016 and +0.009, CIs across zero (version 6), so a gain is not established at this budget"),
     },
     "l4": {
         "engine": "study", "num_samples": 16, "max_concurrent": 1, "cache_size": 256,
