@@ -83,7 +83,7 @@ def render_gallery(n: int, size: int, seed: int) -> np.ndarray:
     return np.stack([r.render(row, size) for row in rows.iloc[pick].itertuples(index=False)])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--size", type=int, default=64)
@@ -95,7 +95,16 @@ def main() -> None:
     ap.add_argument("--variant", default="baseline",
                     help="render with a data variant of bench/phantom_floor_diagnosis.py (e.g. mid-density, "
                          "half-density): the same draws with some patient parameters moved to mid-range")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    recipe = None
+    if args.recipe == "cpu":  # checked before anything is rendered
+        from cxrtune.engine.profiles import cpu
+
+        recipe = cpu("moco").augment
+        size = cpu("moco").train.image_size
+        if size != args.size:
+            raise SystemExit(f"--size {args.size}: the cpu profile trains at {size} px; "
+                             f"use --size {size} or --recipe mild")
     torch.set_num_threads(2)
     if args.variant != "baseline":
         import sys
@@ -114,43 +123,34 @@ def main() -> None:
     torch.manual_seed(args.seed)
     net = Backbone("resnet18", in_chans=1).eval()
 
-    def feats(t: torch.Tensor) -> torch.Tensor:
+    def encode(t: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return net((t - XRAY_MEAN) / XRAY_STD)
+            return net(t)
 
+    def feats(t: torch.Tensor) -> torch.Tensor:  # [0, 1] images, normalised here
+        return encode((t - XRAY_MEAN) / XRAY_STD)
+
+    raw_pix, g_feat = x.flatten(1), feats(x)
     pix, feat = [], []
-    if args.recipe == "cpu":
+    if recipe is not None:  # BatchAugment's views come normalised: compare with normalised originals
         from cxrtune.augment import BatchAugment
-        from cxrtune.engine.profiles import cpu
 
-        recipe = cpu("moco")
-        if recipe.train.image_size != args.size:
-            raise SystemExit(f"--size {args.size}: the cpu profile trains at {recipe.train.image_size} px; "
-                             f"use --size {recipe.train.image_size} or --recipe mild")
+        g_pix = ((x - XRAY_MEAN) / XRAY_STD).flatten(1)
         u8 = torch.from_numpy(imgs).unsqueeze(1)
-
-        def encode(t: torch.Tensor) -> torch.Tensor:  # already normalised by BatchAugment
-            with torch.no_grad():
-                return net(t)
-
-        g_norm = (x - XRAY_MEAN) / XRAY_STD
-        g_pix, g_feat = g_norm.flatten(1), encode(g_norm)
         for k in range(args.repeats):
-            v = BatchAugment(recipe.augment, args.size, torch.Generator().manual_seed(1000 + k))(u8)
+            v = BatchAugment(recipe, args.size, torch.Generator().manual_seed(1000 + k))(u8)
             pix.append(retrieval_rate(g_pix, v.flatten(1)))
             feat.append(retrieval_rate(g_feat, encode(v)))
     else:
-        g_pix, g_feat = x.flatten(1), feats(x)
         for k in range(args.repeats):
             v = augment(x, torch.Generator().manual_seed(1000 + k))
-            pix.append(retrieval_rate(g_pix, v.flatten(1)))
+            pix.append(retrieval_rate(raw_pix, v.flatten(1)))
             feat.append(retrieval_rate(g_feat, feats(v)))
     print(f"view retrieval among {args.n} (chance {1 / args.n:.3%}), {args.repeats} augmentation draws, "
           f"{args.recipe} recipe:")
     print(f"  raw {args.size} px pixels:           {np.mean(pix):.1%}  (per draw {', '.join(f'{p:.1%}' for p in pix)})")
     print(f"  random-init ResNet18 features: {np.mean(feat):.1%}  (per draw {', '.join(f'{p:.1%}' for p in feat)})")
     if args.ablate:
-        g_pix, g_feat = x.flatten(1), feats(x)
         print("ablation of the mild recipe (one draw each; the flip p 0.5 is always on): pixels / features")
         parts = {
             "flip only": dict(scale=(1.0, 1.0), degrees=0.0, jitter=0.0),
@@ -161,7 +161,7 @@ def main() -> None:
         }
         for name, kw in parts.items():
             v = augment(x, torch.Generator().manual_seed(2000), **kw)
-            print(f"  {name:16s} {retrieval_rate(g_pix, v.flatten(1)):6.1%} / {retrieval_rate(g_feat, feats(v)):6.1%}")
+            print(f"  {name:16s} {retrieval_rate(raw_pix, v.flatten(1)):6.1%} / {retrieval_rate(g_feat, feats(v)):6.1%}")
 
 
 if __name__ == "__main__":

@@ -89,3 +89,11 @@ def test_ssl_vs_random_reprobe_refuses_a_folder_that_is_not_a_run_before_buildin
     monkeypatch.setattr(cache, "get_cache", lambda *a, **k: pytest.fail("built a cache for a folder that is not a run"))
     with pytest.raises(SystemExit, match=r"holds no run/checkpoints/epoch-\*.pt, run/config.json"):
         bench.reprobe([tmp_path], argparse.Namespace(threads=1, probe_size=128, size=64, n_pretrain=10, val_pos=2))
+
+
+def test_retrieval_bench_refuses_a_size_the_cpu_recipe_does_not_train_at():
+    """The default recipe is the cpu profile's augmentation at its own image size: another --size
+    is refused before anything is rendered, with the valid choices named."""
+    bench = _load("phantom_retrieval")
+    with pytest.raises(SystemExit, match=r"--size 32: the cpu profile trains at 64 px; use --size 64 or --recipe mild"):
+        bench.main(["--size", "32"])
