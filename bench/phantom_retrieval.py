@@ -7,9 +7,9 @@ random-init ResNet18 features (64 px input), over several augmentation draws. In
 discrimination (MoCo, BarlowTwins) can only learn where this rate is well above chance (1/256).
 
 Augmentation, per image: by default (``--recipe cpu``) the engine's own ``BatchAugment`` with
-the MoCo ``cpu`` profile's recipe, the one its pretraining uses (crop scale 0.5-1, no flip,
-rotation +-10 degrees, brightness and contrast +-0.4 with p 0.8, blur, Gaussian noise 0.1), at
-the profile's 64 px; originals are normalised the same way. ``--recipe mild`` is the earlier
+the MoCo ``cpu`` profile's recipe, the one its pretraining uses (crop scale 0.8-1 at aspect
+0.9-1.11, no flip, rotation +-10 degrees, brightness and contrast +-0.4 with p 0.8, blur, Gaussian
+noise 0.1), at the profile's 64 px; originals are normalised the same way. ``--recipe mild`` is the earlier
 recipe of this benchmark (crop 0.5-1, horizontal flip p 0.5, rotation +-10 degrees, brightness
 and contrast +-0.2, no blur or noise); ``--ablate`` takes that recipe apart.
 

@@ -49,12 +49,16 @@ _CPU_COMMON: dict[str, Any] = {
     "augment.blur_kernel": 3, "augment.blur_sigma_max": 0.7,
 }
 _CPU: dict[str, dict[str, Any]] = {
-    # No flip and crops of at least half the image: measured on the phantom, a flip alone halves the
-    # share of augmented views whose nearest neighbour is their own source (bench/phantom_retrieval.py)
-    # and 64 px crops of a third of the image drop most findings; bench/ssl_vs_random.py used these.
+    # No flip, and crops that keep the body's size and proportions (80-100 % of the image, aspect
+    # 0.9-1.11): a flip alone halves the share of augmented views whose nearest neighbour is their
+    # own source (bench/phantom_retrieval.py), and body size and lung height carry findings (the
+    # phantom's clinical correlates). Measured with bench/ssl_vs_random.py on phantom version 6,
+    # seeds 0 and 1: SSL 0.575 / 0.568 with these crops against 0.555 / 0.553 with crops of 50-100 %
+    # at aspect 3/4-4/3 (random init 0.539 / 0.544); docs/performance.md.
     "moco": {"moco.projector_hidden": 512, "moco.queue_size": 4096, "moco.momentum": 0.99, "moco.temperature": 0.2,
              "optim.optimizer": "sgd", "optim.lr": 0.06, "optim.weight_decay": 5e-4, "optim.clip_grad_norm": 3.0,
-             "augment.hflip_p": 0.0, "augment.crop_scale_min": 0.5},
+             "augment.hflip_p": 0.0, "augment.crop_scale_min": 0.8, "augment.crop_ratio_min": 0.9,
+             "augment.crop_ratio_max": 1.111},
     "barlow": {"barlow.projector_dims": [512, 512, 512], "optim.optimizer": "adamw", "optim.lr": 1e-3,
                "optim.weight_decay": 1e-4, "optim.clip_grad_norm": 0.0},
     "spark": {"spark.patch_size": 8, "spark.decoder_width": 128, "optim.optimizer": "adamw", "optim.lr": 5e-4,
