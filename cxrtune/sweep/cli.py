@@ -62,10 +62,11 @@ PROFILES: dict[str, dict[str, Any]] = {
         "phantom": {}, "profile_point": True, "test_negatives": "all",
         "shots": (5, 20), "trials": 10, "probe_input_size": 64, "grace_period": 20, "resources": {"cpu": 1},
         "note": ("about an hour on 2 CPU cores: two 20-epoch trials side by side (the study's setting "
-                 "and the cpu profile's), judged on every held-out image; measured once on the "
-                 "phantom (version 5): best trial +0.014 AUROC over random init, 95% CI [-0.009, +0.041]; "
-                 "single 26-epoch runs of the same setting gave +0.009 to +0.038 (version 5) and "
-                 "+0.016 and +0.009, CIs across zero (version 6), so a gain is not established at this budget"),
+                 "and the cpu profile's), judged on every held-out image; with the profile's earlier "
+                 "crops (version 5) its best trial was +0.014 AUROC over random init, 95% CI "
+                 "[-0.009, +0.041]; the current cpu setting, run alone for 26 epochs on both cores "
+                 "(bench/ssl_vs_random.py, version 6), gave +0.036 [+0.006, +0.067] and +0.024 "
+                 "[-0.002, +0.051] on two seeds: a small gain that one run resolves about half the time"),
     },
     "l4": {
         "engine": "study", "num_samples": 16, "max_concurrent": 1, "cache_size": 256,
