@@ -9,8 +9,8 @@ discrimination (MoCo, BarlowTwins) can only learn where this rate is well above 
 Augmentation, per image: by default (``--recipe cpu``) the engine's own ``BatchAugment`` with
 the MoCo ``cpu`` profile's recipe, the one its pretraining uses (crop scale 0.8-1 at aspect
 0.9-1.11, no flip, rotation +-10 degrees, brightness and contrast +-0.4 with p 0.8, blur, Gaussian
-noise 0.1), at the profile's 64 px; originals are normalised the same way. ``--recipe mild`` is the earlier
-recipe of this benchmark (crop 0.5-1, horizontal flip p 0.5, rotation +-10 degrees, brightness
+noise 0.1), at the profile's 64 px; originals are normalised the same way. ``--recipe mild`` is
+the earlier recipe of this benchmark (crop 0.5-1, horizontal flip p 0.5, rotation +-10 degrees, brightness
 and contrast +-0.2, no blur or noise); ``--ablate`` takes that recipe apart.
 
     python bench/phantom_retrieval.py [--repeats 3] [--recipe cpu|mild]
@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.recipe == "cpu":  # checked before anything is rendered
         from cxrtune.engine.profiles import cpu
 
-        recipe = cpu("moco").augment
-        size = cpu("moco").train.image_size
+        profile = cpu("moco")
+        recipe, size = profile.augment, profile.train.image_size
         if size != args.size:
             raise SystemExit(f"--size {args.size}: the cpu profile trains at {size} px; "
                              f"use --size {size} or --recipe mild")

@@ -65,8 +65,9 @@ PROFILES: dict[str, dict[str, Any]] = {
                  "and the cpu profile's), judged on every held-out image; with the profile's earlier "
                  "crops (version 5) its best trial was +0.014 AUROC over random init, 95% CI "
                  "[-0.009, +0.041]; the current cpu setting, run alone for 26 epochs on both cores "
-                 "(bench/ssl_vs_random.py, version 6), gave +0.036 [+0.006, +0.067] and +0.024 "
-                 "[-0.002, +0.051] on two seeds: a small gain that one run resolves about half the time"),
+                 "(bench/ssl_vs_random.py, version 6), gave +0.036, +0.024 and +0.047 on three seeds "
+                 "(together +0.035, 95% CI [+0.005, +0.066]; CI above zero in 2 of the 3 single runs); "
+                 "this sweep has not been re-run with the current crops"),
     },
     "l4": {
         "engine": "study", "num_samples": 16, "max_concurrent": 1, "cache_size": 256,
