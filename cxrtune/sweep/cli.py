@@ -62,12 +62,11 @@ PROFILES: dict[str, dict[str, Any]] = {
         "phantom": {}, "profile_point": True, "test_negatives": "all",
         "shots": (5, 20), "trials": 10, "probe_input_size": 64, "grace_period": 20, "resources": {"cpu": 1},
         "note": ("about an hour on 2 CPU cores: two 20-epoch trials side by side (the study's setting "
-                 "and the cpu profile's), judged on every held-out image; with the profile's earlier "
-                 "crops (version 5) its best trial was +0.014 AUROC over random init, 95% CI "
-                 "[-0.009, +0.041]; the current cpu setting, run alone for 26 epochs on both cores "
-                 "(bench/ssl_vs_random.py, version 6), gave +0.036, +0.024 and +0.047 on three seeds "
-                 "(together +0.035, 95% CI [+0.005, +0.066]; CI above zero in 2 of the 3 single runs); "
-                 "this sweep has not been re-run with the current crops"),
+                 "and the cpu profile's), judged on every held-out image; on phantom version 6 its best "
+                 "trial (the study's temperature and lr) measured +0.058 AUROC over random init, 95% CI "
+                 "[+0.018, +0.101], the other +0.013; a single run of the cpu setting "
+                 "(bench/ssl_vs_random.py) gave +0.024 to +0.047 on three seeds, its CI above zero in "
+                 "2 of 3: the gain is small and one run does not always show it"),
     },
     "l4": {
         "engine": "study", "num_samples": 16, "max_concurrent": 1, "cache_size": 256,
