@@ -364,6 +364,17 @@ def _data_params(data: SweepData) -> dict[str, Any]:
             "data.episodes": len(data.episodes), "data.findings": int(data.episodes["disease"].nunique())}
 
 
+def _best_label(best, objective: str) -> str:
+    """``"<trial id> at epoch <n>: "`` for the best result: the table shows each trial's last
+    objective, the best checkpoint may come from an earlier epoch."""
+    try:
+        frame = best.metrics_dataframe
+        row = frame.loc[frame[objective].idxmax()]
+        return f"{row['trial_id']} at epoch {int(row['objective_epoch'])}: "
+    except Exception:  # a label is a courtesy: never fail the summary for it
+        return ""
+
+
 def summarise(results, sweep: PretrainSweep, spec, folder: Path, data: SweepData | None = None) -> dict[str, Any]:
     from cxrtune.export import export_best
 
@@ -390,7 +401,8 @@ def summarise(results, sweep: PretrainSweep, spec, folder: Path, data: SweepData
                        if comparison["ci_low"] > 0 else
                        "the CI includes zero (or lies below it): no gain over random init is shown")
             lines.append(
-                f"best trial {sweep.objective} {comparison['best']:.3f} vs random init {comparison['random']:.3f} "
+                f"best trial {_best_label(best, sweep.objective)}{sweep.objective} {comparison['best']:.3f} "
+                f"vs random init {comparison['random']:.3f} "
                 f"on the same episodes: difference {comparison['difference']:+.3f}, 95% CI "
                 f"[{comparison['ci_low']:+.3f}, {comparison['ci_high']:+.3f}] over {comparison['diseases']} findings; "
                 + verdict)
