@@ -5,7 +5,9 @@ One Ray session for the module; everything (cache, sweeps, MLflow store) under t
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 from pathlib import Path
 
@@ -49,9 +51,12 @@ def smoke_sweep(workdir):
 
     script = _load_sweep_script("moco_variance")
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    code = main(script.SWEEP, ["--profile", "smoke", "--storage", str(workdir / "runs"), "--tracking-uri", uri,
-                               "--cpus", "2"])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(script.SWEEP, ["--profile", "smoke", "--storage", str(workdir / "runs"), "--tracking-uri", uri,
+                                   "--cpus", "2"])
     assert code == 0
+    (workdir / "driver-stdout.txt").write_text(printed.getvalue())
     return workdir / "runs" / "moco_variance", uri
 
 
@@ -157,3 +162,10 @@ def test_trial_runs_carry_config_results_and_a_training_plot(smoke_sweep):
     names = {a.path for a in client.list_artifacts(child.info.run_id)}
     assert {"params.json", "result.json", "metrics.jsonl", "initial_probe_results.parquet", "plots"} <= names
     assert [a.path for a in client.list_artifacts(child.info.run_id, "plots")] == ["plots/training_curves.png"]
+
+
+def test_summary_names_the_trial_and_epoch_of_the_exported_checkpoint(workdir, smoke_sweep):
+    folder, _ = smoke_sweep
+    line = next(l for l in (workdir / "driver-stdout.txt").read_text().splitlines() if l.startswith("best trial "))
+    selected = json.loads((folder / "export" / "metrics.json").read_text())["selected_report"]
+    assert line.startswith(f"best trial {selected['trial_id']} at epoch {selected['objective_epoch']}: "), line

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -336,7 +337,7 @@ def paired_difference(best_dir: Path, objective: str, seed: int = 0) -> dict[str
     objective's shot count with a 95 % bootstrap CI over the per-disease mean differences."""
     from cxrtune.evaluate.stats import bootstrap_ci
 
-    from cxrtune.trial import INITIAL_RESULTS
+    from cxrtune.trial import INITIAL_RESULTS, STATE_FILE
 
     best = best_dir / "probe_results.parquet"
     initial = best_dir / INITIAL_RESULTS  # carried in the checkpoint (on a cluster, work/ stays on the node)
@@ -352,7 +353,10 @@ def paired_difference(best_dir: Path, objective: str, seed: int = 0) -> dict[str
     per_disease = merged.groupby("disease")[["auroc_best", "auroc_random"]].mean()
     diff = (per_disease["auroc_best"] - per_disease["auroc_random"]).to_numpy()
     low, high = bootstrap_ci(diff, seed=seed)
+    state = best_dir / STATE_FILE  # the epoch whose probes the checkpoint carries
+    epoch = json.loads(state.read_text()).get("objective_epoch") if state.is_file() else None
     return {"best": float(per_disease["auroc_best"].mean()), "random": float(per_disease["auroc_random"].mean()),
+            "epoch": epoch,
             "difference": float(diff.mean()), "ci_low": low, "ci_high": high, "diseases": int(diff.size)}
 
 
@@ -362,17 +366,6 @@ def _data_params(data: SweepData) -> dict[str, Any]:
             "data.cache": str(data.cache.path), "data.eval_source": data.eval_source.name,
             "data.eval_root": str(data.eval_source.root or ""), "data.eval_cache": str(data.eval_cache.path),
             "data.episodes": len(data.episodes), "data.findings": int(data.episodes["disease"].nunique())}
-
-
-def _best_label(best, objective: str) -> str:
-    """``"<trial id> at epoch <n>: "`` for the best result: the table shows each trial's last
-    objective, the best checkpoint may come from an earlier epoch."""
-    try:
-        frame = best.metrics_dataframe
-        row = frame.loc[frame[objective].idxmax()]
-        return f"{row['trial_id']} at epoch {int(row['objective_epoch'])}: "
-    except Exception:  # a label is a courtesy: never fail the summary for it
-        return ""
 
 
 def summarise(results, sweep: PretrainSweep, spec, folder: Path, data: SweepData | None = None) -> dict[str, Any]:
@@ -401,7 +394,8 @@ def summarise(results, sweep: PretrainSweep, spec, folder: Path, data: SweepData
                        if comparison["ci_low"] > 0 else
                        "the CI includes zero (or lies below it): no gain over random init is shown")
             lines.append(
-                f"best trial {_best_label(best, sweep.objective)}{sweep.objective} {comparison['best']:.3f} "
+                f"best trial {best.metrics.get('trial_id', '?')} at epoch {comparison['epoch']}: "
+                f"{sweep.objective} {comparison['best']:.3f} "
                 f"vs random init {comparison['random']:.3f} "
                 f"on the same episodes: difference {comparison['difference']:+.3f}, 95% CI "
                 f"[{comparison['ci_low']:+.3f}, {comparison['ci_high']:+.3f}] over {comparison['diseases']} findings; "
