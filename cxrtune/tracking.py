@@ -4,9 +4,13 @@ Runs are found again by tags rather than remembered in memory, so a sweep that i
 a crash re-attaches every trial to the run it already had (Ray's stock ``MLflowLoggerCallback``
 keeps that map in memory and opens duplicates after ``Tuner.restore``):
 
-- the parent run carries ``cxrtune.sweep = <name>`` and ``cxrtune.role = sweep``;
-- each child carries ``cxrtune.sweep``, ``cxrtune.trial_id = <Tune trial id>``,
+- the parent run carries ``cxrtune.sweep = <name>``, ``cxrtune.sweep_id = <id>`` and
+  ``cxrtune.role = sweep``;
+- each child carries ``cxrtune.sweep``, ``cxrtune.sweep_id``, ``cxrtune.trial_id = <Tune trial id>``,
   ``cxrtune.role = trial`` and ``mlflow.parentRunId`` (which nests it under the parent in the UI).
+
+Runs are looked up by the sweep's id (``sweep.json`` in its folder, :mod:`cxrtune.sweepstate`),
+never by its name alone: two sweeps of one name in one store never share or touch each other's runs.
 
 Only the sweep driver writes (SQLite allows one writer at a time). No Ray import here.
 """
@@ -21,6 +25,7 @@ from typing import Any, Mapping
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 SWEEP_TAG = "cxrtune.sweep"
+SWEEP_ID_TAG = "cxrtune.sweep_id"
 ROLE_TAG = "cxrtune.role"
 TRIAL_TAG = "cxrtune.trial_id"
 STATUS_TAG = "cxrtune.status"
@@ -68,10 +73,12 @@ def loggable_metrics(result: Mapping[str, Any]) -> dict[str, float]:
 class SweepTracker:
     """Parent and child runs of one sweep in one MLflow experiment."""
 
-    def __init__(self, sweep_name: str, experiment: str | None = None, uri: str | None = None) -> None:
+    def __init__(self, sweep_name: str, experiment: str | None = None, uri: str | None = None,
+                 sweep_id: str | None = None) -> None:
         from mlflow.tracking import MlflowClient
 
         self.sweep_name = sweep_name
+        self.sweep_id = sweep_id
         self.uri = tracking_uri(uri)
         self.client = MlflowClient(tracking_uri=self.uri)
         self.experiment_name = experiment or f"cxrtune/{sweep_name}"
@@ -84,8 +91,20 @@ class SweepTracker:
     def _search(self, filter_string: str) -> list:
         return self.client.search_runs([self.experiment_id], filter_string=filter_string, max_results=1000)
 
+    def _mine(self) -> str:
+        """The filter that selects this sweep's runs: its id when it has one, else its name."""
+        if self.sweep_id:
+            return f"tags.`{SWEEP_ID_TAG}` = '{self.sweep_id}'"
+        return f"tags.`{SWEEP_TAG}` = '{self.sweep_name}'"
+
+    def _identity_tags(self) -> dict[str, str]:
+        tags = {SWEEP_TAG: self.sweep_name}
+        if self.sweep_id:
+            tags[SWEEP_ID_TAG] = self.sweep_id
+        return tags
+
     def _parent(self) -> str:
-        runs = self._search(f"tags.`{SWEEP_TAG}` = '{self.sweep_name}' and tags.`{ROLE_TAG}` = 'sweep'")
+        runs = self._search(f"{self._mine()} and tags.`{ROLE_TAG}` = 'sweep'")
         if runs:
             run_id = runs[0].info.run_id
             if runs[0].info.status != "RUNNING":
@@ -93,7 +112,7 @@ class SweepTracker:
             return run_id
         run = self.client.create_run(
             self.experiment_id, run_name=self.sweep_name,
-            tags={SWEEP_TAG: self.sweep_name, ROLE_TAG: "sweep"},
+            tags={**self._identity_tags(), ROLE_TAG: "sweep"},
         )
         return run.info.run_id
 
@@ -101,13 +120,13 @@ class SweepTracker:
         """The run of ``trial_id``: found by tag if it exists (a resumed sweep), else created."""
         if trial_id in self._children:
             return self._children[trial_id]
-        runs = self._search(f"tags.`{SWEEP_TAG}` = '{self.sweep_name}' and tags.`{TRIAL_TAG}` = '{trial_id}'")
+        runs = self._search(f"{self._mine()} and tags.`{TRIAL_TAG}` = '{trial_id}'")
         if runs:
             run_id = runs[0].info.run_id
             if runs[0].info.status != "RUNNING":
                 self.client.update_run(run_id, status="RUNNING")
         else:
-            all_tags = {SWEEP_TAG: self.sweep_name, TRIAL_TAG: trial_id, ROLE_TAG: "trial",
+            all_tags = {**self._identity_tags(), TRIAL_TAG: trial_id, ROLE_TAG: "trial",
                         PARENT_TAG: self.parent_run_id, **dict(tags or {})}
             run_id = self.client.create_run(self.experiment_id, run_name=run_name or trial_id,
                                             tags=all_tags).info.run_id
@@ -116,7 +135,7 @@ class SweepTracker:
 
     def trial_runs(self) -> dict[str, str]:
         """trial id -> run id for every child run of this sweep."""
-        runs = self._search(f"tags.`{SWEEP_TAG}` = '{self.sweep_name}' and tags.`{ROLE_TAG}` = 'trial'")
+        runs = self._search(f"{self._mine()} and tags.`{ROLE_TAG}` = 'trial'")
         return {r.data.tags[TRIAL_TAG]: r.info.run_id for r in runs}
 
     # -- logging --------------------------------------------------------------------------------
@@ -151,10 +170,12 @@ class SweepTracker:
             self.client.log_artifact(run_id, str(path), artifact_path)
 
     def end_trial(self, trial_id: str, status: str) -> None:
-        """Close a child run with a cxrtune status (completed, pruned, collapsed, diverged, errored)."""
+        """Close a child run with a cxrtune status (completed, pruned, collapsed, diverged,
+        errored, or interrupted: cut off by Ctrl-C, KILLED until ``--resume`` re-opens it)."""
         run_id = self.child_run(trial_id)
         self.client.set_tag(run_id, STATUS_TAG, status)
-        self.client.set_terminated(run_id, status="FAILED" if status == "errored" else "FINISHED")
+        mlflow_status = {"errored": "FAILED", "interrupted": "KILLED"}.get(status, "FINISHED")
+        self.client.set_terminated(run_id, status=mlflow_status)
 
     def end_sweep(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.parent_run_id, status=status)

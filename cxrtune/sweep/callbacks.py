@@ -1,8 +1,10 @@
 """Ray Tune callbacks of a sweep: MLflow tracking that survives ``Tuner.restore``.
 
 The callback runs on the driver only (the one process that writes the SQLite store). Trial runs
-are looked up by the ``cxrtune.trial_id`` tag (see :mod:`cxrtune.tracking`), so a restored sweep
-re-attaches to the runs it already had instead of opening duplicates.
+are looked up by the sweep's id and the ``cxrtune.trial_id`` tag (see :mod:`cxrtune.tracking`), so
+a restored sweep re-attaches to the runs it already had instead of opening duplicates, and never
+touches another sweep's runs. Trials a Ctrl-C cut off are closed ``interrupted`` (MLflow KILLED)
+and the parent run stays open until the resumed sweep finishes.
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ from cxrtune.health import trial_status
 from cxrtune.tracking import SweepTracker
 
 #: keys of Tune's result dict that are bookkeeping, not metrics
+#: sweep id -> tracking URI that replaces the one pickled with a restored sweep's callback
+#: (``--resume --tracking-uri``); set by the runner before ``Tuner.restore``
+TRACKING_OVERRIDES: dict[str, str] = {}
+
 _SKIP = {"trial_id", "experiment_id", "date", "timestamp", "pid", "hostname", "node_ip", "config",
          "done", "should_checkpoint", "checkpoint_dir_name", "experiment_tag", "time_this_iter_s",
          "iterations_since_restore", "timesteps_since_restore", "time_since_restore"}
@@ -23,25 +29,33 @@ _SKIP = {"trial_id", "experiment_id", "date", "timestamp", "pid", "hostname", "n
 
 class MlflowSweepCallback(LoggerCallback):
     def __init__(self, sweep_name: str, tracking_uri: str | None = None, experiment: str | None = None,
-                 tags: dict[str, str] | None = None, params: dict[str, Any] | None = None) -> None:
+                 tags: dict[str, str] | None = None, params: dict[str, Any] | None = None,
+                 sweep_id: str | None = None) -> None:
         self.sweep_name = sweep_name
+        self.sweep_id = sweep_id
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.tags = dict(tags or {})
         self.params = dict(params or {})
         self._tracker: SweepTracker | None = None
         self._last: dict[str, dict[str, Any]] = {}
+        self._live: set[str] = set()  # trials that ran in this process
+        self._ended: set[str] = set()  # ... and whose end a callback heard of
 
     # Tune pickles callbacks with the experiment state; the MLflow client is rebuilt on demand.
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_tracker"] = None
+        state["_ended"] = set()
+        state["_live"] = set()
         return state
 
     @property
     def tracker(self) -> SweepTracker:
         if self._tracker is None:
-            self._tracker = SweepTracker(self.sweep_name, experiment=self.experiment, uri=self.tracking_uri)
+            sweep_id = getattr(self, "sweep_id", None)
+            uri = TRACKING_OVERRIDES.get(sweep_id or "", self.tracking_uri)
+            self._tracker = SweepTracker(self.sweep_name, experiment=self.experiment, uri=uri, sweep_id=sweep_id)
             if self.tags:
                 self._tracker.set_tags(self._tracker.parent_run_id, self.tags)
             if getattr(self, "params", None):  # absent in callbacks pickled by older sweeps
@@ -56,6 +70,7 @@ class MlflowSweepCallback(LoggerCallback):
         run_id = self.tracker.child_run(trial.trial_id, run_name=str(trial),
                                         tags={k: str(v) for k, v in self.tags.items()})
         self.tracker.log_params(run_id, trial.config)
+        self._live.add(trial.trial_id)
 
     def log_trial_result(self, iteration: int, trial, result: dict[str, Any]) -> None:
         run_id = self.tracker.child_run(trial.trial_id)
@@ -63,6 +78,7 @@ class MlflowSweepCallback(LoggerCallback):
         step = int(result.get("training_iteration", iteration))
         self.tracker.log_metrics(run_id, metrics, step=step)
         self._last[trial.trial_id] = result
+        self._live.add(trial.trial_id)
 
     def log_trial_end(self, trial, failed: bool = False) -> None:
         result = self._last.get(trial.trial_id) or getattr(trial, "last_result", None)
@@ -78,6 +94,7 @@ class MlflowSweepCallback(LoggerCallback):
         for folder in folders:
             remove_staging(folder / "work")
         self.tracker.end_trial(trial.trial_id, status)
+        self._ended.add(trial.trial_id)
 
     def _log_trial_files(self, run_id: str, folders: list[Path]) -> None:
         """The trial's config, results tables and a training-curve plot as run artifacts."""
@@ -103,9 +120,21 @@ class MlflowSweepCallback(LoggerCallback):
             self.tracker.log_artifacts(run_id, plot, "plots")
 
     def on_experiment_end(self, trials, **info) -> None:
+        from cxrtune.sweep.interrupt import interrupted, record_cut
+
+        # A trial that started but whose end no callback heard of was cut off with the loop (Ctrl-C):
+        # Tune saved it RUNNING and a resume continues it; close its run as interrupted until then.
+        live = getattr(self, "_live", set())
+        ended = getattr(self, "_ended", set())
+        cut = [t for t in trials if t.trial_id in live and t.trial_id not in ended]
+        for trial in cut:
+            self.tracker.end_trial(trial.trial_id, "interrupted")
+        cut_ids = {t.trial_id for t in cut}
+        record_cut(cut_ids)
         counts: dict[str, int] = {}
         for trial in trials:
-            status = trial_status(getattr(trial, "last_result", None), trial.status == "ERROR")
+            status = ("interrupted" if trial.trial_id in cut_ids else
+                      trial_status(getattr(trial, "last_result", None), trial.status == "ERROR"))
             counts[status] = counts.get(status, 0) + 1
         self.tracker.set_tags(self.tracker.parent_run_id, {f"cxrtune.trials_{k}": v for k, v in counts.items()})
         # A trial created just before a driver crash, after Tune's last experiment checkpoint, is
@@ -115,8 +144,12 @@ class MlflowSweepCallback(LoggerCallback):
             if trial_id not in current:
                 self.tracker.client.set_tag(run_id, "cxrtune.status", "lost")
                 self.tracker.client.set_terminated(run_id, status="KILLED")
-        unfinished = any(t.status in ("PENDING", "RUNNING", "PAUSED") for t in trials)
-        if not unfinished:
+        unfinished = cut or interrupted() or any(t.status in ("PENDING", "RUNNING", "PAUSED") for t in trials)
+        if unfinished:
+            self.tracker.set_tags(self.tracker.parent_run_id, {"cxrtune.status": "interrupted"})
+            self.tracker.end_sweep("KILLED")
+        else:
+            self.tracker.set_tags(self.tracker.parent_run_id, {"cxrtune.status": "finished"})
             self.tracker.end_sweep("FINISHED")
 
 

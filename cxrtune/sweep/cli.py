@@ -93,6 +93,28 @@ class PretrainSweep:
     fixed: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (``0`` is refused, never read as "the default")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; use an integer >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is out of range; use an integer >= 1")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; use a number > 0") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is out of range; use a finite number > 0")
+    return value
+
+
 def build_parser(sweep: PretrainSweep) -> argparse.ArgumentParser:
     searched = ", ".join(sweep.space)
     parser = argparse.ArgumentParser(
@@ -102,23 +124,32 @@ def build_parser(sweep: PretrainSweep) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Profiles:\n" + "\n".join(f"  {k:<8} {v['note']}" for k, v in PROFILES.items()),
     )
-    parser.add_argument("--profile", default="default", choices=tuple(PROFILES), help="budget and scale (default: default)")
-    parser.add_argument("--source", default="phantom", help="data source: phantom (embedded), nih, padchest, csv")
+    # --profile, --source and --seed default to None so that --resume can tell a value given again
+    # (checked against the sweep's record) from one left out (taken from the record).
+    parser.add_argument("--profile", default=None, choices=tuple(PROFILES), help="budget and scale (default: default)")
+    parser.add_argument("--source", default=None,
+                        help="data source: phantom (embedded, the default), nih, padchest, csv")
     parser.add_argument("--root", default=None, help="folder of the source's files")
     parser.add_argument("--option", "-o", action="append", metavar="KEY=VALUE", help="source option, repeatable")
     add_eval_source_arguments(parser)
-    parser.add_argument("--num-samples", type=int, default=None, help="trials to run (default: the profile's)")
-    parser.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: the profile's)")
+    parser.add_argument("--num-samples", type=positive_int, default=None, help="trials to run (default: the profile's)")
+    parser.add_argument("--max-concurrent", type=positive_int, default=None,
+                        help="trials at once (default: the profile's)")
     parser.add_argument("--name", default=None, help=f"sweep name, the folder under --storage (default: {sweep.name})")
     parser.add_argument("--storage", default="./cxrtune-runs", help="where sweeps live; shared storage on a cluster")
     parser.add_argument("--address", default=None, help="an existing Ray cluster ('auto' or host:port)")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
-    parser.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this name")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db; with --resume, the "
+                             "sweep's recorded URI, or this one to move its tracking to another store)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the interrupted sweep of this name (Ctrl-C or a dead driver), with the data, "
+                             "profile and --set values it was created with")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="fix a config key, e.g. train.epochs=5")
-    parser.add_argument("--gpu", type=float, default=None, help="GPU share per trial (default: the profile's)")
-    parser.add_argument("--cpus", type=int, default=None, help="CPUs Ray may use on this machine (default: all)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the Optuna sampler")
-    parser.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+    parser.add_argument("--gpu", type=positive_float, default=None,
+                        help="GPU share per trial (default: the profile's); refused on a cluster without GPUs")
+    parser.add_argument("--cpus", type=positive_int, default=None, help="CPUs Ray may use on this machine (default: all)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the Optuna sampler (default: 0)")
+    parser.add_argument("--time-budget", type=positive_float, default=None, metavar="MINUTES",
                         help="stop starting trials after this many minutes (running ones are stopped too)")
     parser.add_argument("--verbose", action="store_true",
                         help="show Ray's own progress tables and logs here instead of in <sweep>/ray-console.log")
@@ -228,6 +259,10 @@ def prepare_data(args: argparse.Namespace, profile: dict[str, Any], folder: Path
     return SweepData(source, cache, eval_source, eval_cache, episodes, episodes_path)
 
 
+#: defaults of the arguments a sweep records (``None`` in the parser, see build_parser)
+RECORD_DEFAULTS = {"profile": "default", "source": "phantom", "seed": 0}
+
+
 def main(sweep: PretrainSweep, argv: list[str] | None = None) -> int:
     args = build_parser(sweep).parse_args(argv)
     try:
@@ -235,17 +270,86 @@ def main(sweep: PretrainSweep, argv: list[str] | None = None) -> int:
     except CxrtuneError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted. {resume_hint(sweep, args)}", file=sys.stderr)
+        return 130
+
+
+def resume_hint(sweep: PretrainSweep, args: argparse.Namespace) -> str:
+    """How to continue this sweep (or start it again when Tune never saved it)."""
+    from cxrtune.sweep.runner import sweep_dir
+
+    name = args.name or sweep.name
+    folder = sweep_dir(name, args.storage)
+    command = f"python sweeps/{sweep.name}.py --resume"
+    if args.name:
+        command += f" --name {args.name}"
+    if args.storage != "./cxrtune-runs":
+        command += f" --storage {args.storage}"
+    try:
+        from ray import tune
+
+        started = tune.Tuner.can_restore(str(folder))
+    except Exception:  # noqa: BLE001 - a hint must not fail
+        started = False
+    if started:
+        return f"Continue the sweep with: {command}"
+    return "No trial had started; run the same command again to start the sweep."
+
+
+def sweep_record(args: argparse.Namespace) -> dict[str, Any]:
+    """What a sweep records when it is created and a resume checks: its data, profile, --set
+    values, seed and trial count (``None`` where the user gave nothing)."""
+    def folder(path):
+        return str(Path(path).expanduser().resolve()) if path else None
+
+    return {"profile": args.profile, "source": args.source, "root": folder(args.root),
+            "options": sorted(args.option) if args.option else None,
+            "eval_source": getattr(args, "eval_source", None), "eval_root": folder(getattr(args, "eval_root", None)),
+            "eval_options": sorted(args.eval_option) if getattr(args, "eval_option", None) else None,
+            "set": sorted(args.set) if args.set else None, "seed": args.seed, "num_samples": args.num_samples}
+
+
+def apply_record(args: argparse.Namespace, record: dict[str, Any]) -> None:
+    """Put the sweep's arguments (recorded, or given and defaulted) back on ``args``."""
+    args.profile = record.get("profile") or RECORD_DEFAULTS["profile"]
+    args.source = record.get("source") or RECORD_DEFAULTS["source"]
+    args.seed = record["seed"] if record.get("seed") is not None else RECORD_DEFAULTS["seed"]
+    args.root = record.get("root")
+    args.option = record.get("options")
+    args.eval_source = record.get("eval_source")
+    args.eval_root = record.get("eval_root")
+    args.eval_option = record.get("eval_options")
+    args.set = record.get("set")
+    args.num_samples = record.get("num_samples")
 
 
 def run(sweep: PretrainSweep, args: argparse.Namespace) -> int:
+    from cxrtune.sweep.runner import open_sweep
+
+    name = args.name or sweep.name
+    record = sweep_record(args)
+    if not args.resume:
+        record = {**record, **{k: v for k, v in RECORD_DEFAULTS.items() if record.get(k) is None}}
+    with open_sweep(name, args.storage, resume=args.resume, tracking_uri=args.tracking_uri, record=record,
+                    resume_hint=f"(sweep {name} in {args.storage})") as opened:
+        apply_record(args, opened.record)
+        if args.resume:
+            print(f"resuming sweep {name} ({opened.folder / 'sweep.json'}): profile {args.profile}, "
+                  f"source {args.source}" + (f", eval source {args.eval_source}" if args.eval_source else "")
+                  + f", tracking {opened.tracking_uri}")
+        return _run_open(sweep, args, opened)
+
+
+def _run_open(sweep: PretrainSweep, args: argparse.Namespace, opened) -> int:
     from cxrtune.cli import parse_options
-    from cxrtune.sweep.runner import SweepSpec, run_sweep, sweep_dir
+    from cxrtune.sweep import interrupt
+    from cxrtune.sweep.runner import SweepSpec, run_sweep
     from trainables.pretrain import pretrain_trainable
 
     profile = PROFILES[args.profile]
-    name = args.name or sweep.name
-    folder = sweep_dir(name, args.storage)
-    folder.mkdir(parents=True, exist_ok=True)
+    name = opened.name
+    folder = opened.folder
     started = time.time()
     print(f"sweep {name}: profile {args.profile} ({profile['note']})")
     data = prepare_data(args, profile, folder)
@@ -268,8 +372,9 @@ def run(sweep: PretrainSweep, args: argparse.Namespace) -> int:
         resources["gpu"] = args.gpu
     spec = SweepSpec(
         name=name, trainable=pretrain_trainable, param_space=param_space, metric=sweep.objective, mode="max",
-        num_samples=args.num_samples or profile["num_samples"],
-        max_concurrent=args.max_concurrent or profile["max_concurrent"], resources=resources,
+        num_samples=args.num_samples if args.num_samples is not None else profile["num_samples"],
+        max_concurrent=args.max_concurrent if args.max_concurrent is not None else profile["max_concurrent"],
+        resources=resources, require_gpu=args.gpu is not None,
         points_to_evaluate=points, seed=args.seed, asha=True,
         time_budget_s=args.time_budget * 60 if args.time_budget else None,
         max_t=int(fixed["train.epochs"]), grace_period=min(profile["grace_period"], int(fixed["train.epochs"])),
@@ -279,11 +384,21 @@ def run(sweep: PretrainSweep, args: argparse.Namespace) -> int:
     )
     if not args.verbose:
         print(f"Ray's own output: {folder / CONSOLE_LOG} (--verbose shows it here)")
-    results = run_sweep(spec, resume=args.resume, storage=args.storage, tracking_uri=args.tracking_uri,
-                        address=args.address, num_cpus=args.cpus, verbose=1 if args.verbose else 0)
+    results = run_sweep(spec, storage=args.storage, address=args.address, num_cpus=args.cpus,
+                        verbose=1 if args.verbose else 0, opened=opened)
+    if interrupt.interrupted():
+        table = trials_table(results, sweep, interrupt.cut_trials())
+        print("\ninterrupted: the sweep's state is saved; trials cut off are 'interrupted' and continue from "
+              "their last checkpoint on resume; nothing was exported")
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        print(resume_hint(sweep, args), file=sys.stderr)
+        return 130
     summary = summarise(results, sweep, spec, folder, data)
     print(summary["text"])
     print(f"sweep folder: {folder}; wall time {time.time() - started:.0f} s")
+    if summary.get("failed"):
+        print(f"error: {summary['failed']}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -314,15 +429,18 @@ def _in_domain(domain: Any, value: Any) -> bool:
     return domain == value
 
 
-def trials_table(results, sweep: PretrainSweep) -> pd.DataFrame:
+def trials_table(results, sweep: PretrainSweep, interrupted: set[str] | frozenset = frozenset()) -> pd.DataFrame:
+    """One row per trial; ``interrupted`` names the trials a Ctrl-C cut off."""
     from cxrtune.health import trial_status
 
     rows = []
     for result in results:
         metrics = result.metrics or {}
         config = result.config or {}
-        row = {"trial": metrics.get("trial_id", "?"),
-               "status": trial_status(metrics, result.error is not None),
+        trial_id = metrics.get("trial_id") or Path(result.path).name.rsplit("_", 1)[-1]
+        row = {"trial": trial_id,
+               "status": ("interrupted" if trial_id in interrupted
+                          else trial_status(metrics, result.error is not None)),
                "epochs": metrics.get("epoch"),
                sweep.objective: metrics.get(sweep.objective),
                "random_init": metrics.get(f"initial_{sweep.objective}")}
@@ -368,6 +486,34 @@ def _data_params(data: SweepData) -> dict[str, Any]:
             "data.episodes": len(data.episodes), "data.findings": int(data.episodes["disease"].nunique())}
 
 
+def error_causes(results) -> dict[str, str]:
+    """trial id -> the last line of its error (e.g. ``OSError: [Errno 28] No space left on
+    device``), read from the exception, else from its ``error.txt`` or ``trial.log``."""
+    from trainables._log import TRIAL_LOG
+
+    causes: dict[str, str] = {}
+    for result in results:
+        if result.error is None:
+            continue
+        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name.rsplit("_", 1)[-1]
+        texts = [str(result.error)]
+        for name in ("error.txt", TRIAL_LOG):
+            path = Path(result.path) / name
+            if path.is_file():
+                texts.append(path.read_text(errors="replace"))
+        cause = ""
+        for text in texts:
+            lines = [l.strip() for l in text.splitlines() if l.strip() and not l.strip().startswith(("File ", "^"))]
+            named = [l for l in lines if "Error" in l or "Errno" in l or "Exception" in l]
+            if named:
+                cause = named[-1]
+                break
+            if lines and not cause:
+                cause = lines[-1]
+        causes[trial_id] = cause[:300] or "see its error.txt"
+    return causes
+
+
 def summarise(results, sweep: PretrainSweep, spec, folder: Path, data: SweepData | None = None) -> dict[str, Any]:
     from cxrtune.export import export_best
 
@@ -378,8 +524,17 @@ def summarise(results, sweep: PretrainSweep, spec, folder: Path, data: SweepData
                         f"({len(data.episodes)} episodes over {data.episodes['disease'].nunique()} findings)")
     scored = table.dropna(subset=[sweep.objective])
     summary: dict[str, Any] = {"table": table}
+    causes = error_causes(results)
+    if causes:
+        lines.append(f"{len(causes)} trial(s) errored:")
+        lines += [f"  trial {trial}: {cause}" for trial, cause in causes.items()]
+    if len(table) == 0 or (table["status"] == "errored").all():
+        summary["failed"] = (f"no trial of sweep {spec.name} completed"
+                             + (f" ({len(causes)} errored; first cause: {next(iter(causes.values()))})" if causes else "")
+                             + f"; trial folders and logs are in {folder}")
     if scored.empty:
         lines.append("no trial reported the objective; nothing to export")
+        table.to_csv(folder / "trials.csv", index=False)
         summary["text"] = "\n".join(lines)
         return summary
     try:

@@ -151,16 +151,26 @@ def main(sweep: FewshotSweep, argv: list[str] | None = None) -> int:
 
 
 def run(sweep: FewshotSweep, args: argparse.Namespace) -> int:
+    from cxrtune.sweep.runner import open_sweep
+
+    name = args.name or sweep.name
+    record = {"profile": args.profile, "source": args.source, "root": args.root,
+              "options": sorted(args.option) if args.option else None}
+    with open_sweep(name, args.storage, resume=args.resume, tracking_uri=args.tracking_uri, record=record,
+                    resume_hint=f"(sweep {name} in {args.storage})") as opened:
+        return _run_open(sweep, args, opened)
+
+
+def _run_open(sweep: FewshotSweep, args: argparse.Namespace, opened) -> int:
     from ray import tune
 
     from cxrtune.sweep.cli import prepare_data
-    from cxrtune.sweep.runner import SweepSpec, run_sweep, sweep_dir
+    from cxrtune.sweep.runner import SweepSpec, run_sweep
     from trainables.fewshot import fewshot_trainable
 
     profile = FEWSHOT_PROFILES[args.profile]
-    name = args.name or sweep.name
-    folder = sweep_dir(name, args.storage)
-    folder.mkdir(parents=True, exist_ok=True)
+    name = opened.name
+    folder = opened.folder
     started = time.time()
     entries = backbones_to_evaluate(args)
     evaluators = [e.strip() for e in args.evaluators.split(",") if e.strip()]
@@ -185,8 +195,8 @@ def run(sweep: FewshotSweep, args: argparse.Namespace) -> int:
                      mode="max", num_samples=1, max_concurrent=args.max_concurrent or len(grid),
                      resources=resources, search="grid", asha=False,
                      tags={"cxrtune.kind": "fewshot", "cxrtune.source": source.name}, console_keys=())
-    results = run_sweep(spec, resume=args.resume, storage=args.storage, tracking_uri=args.tracking_uri,
-                        address=args.address, num_cpus=args.cpus, verbose=1 if args.verbose else 0)
+    results = run_sweep(spec, storage=args.storage, address=args.address, num_cpus=args.cpus,
+                        verbose=1 if args.verbose else 0, opened=opened)
     table = collect_results(results)
     table.to_parquet(folder / "results.parquet", index=False)
     print(report(table, [e["label"] for e in entries if e["init"] in ("random", "imagenet")]))
