@@ -71,6 +71,11 @@ def main():
     )
     results = run_sweep(spec, resume=args.resume, storage=args.storage, tracking_uri=args.uri,
                         num_cpus=None if args.address else 2, address=args.address)
+    from cxrtune.sweep import interrupt
+
+    if interrupt.interrupted():
+        print("INTERRUPTED", json.dumps(sorted(interrupt.cut_trials())), flush=True)
+        raise SystemExit(130)
     ids = [r.metrics["trial_id"] for r in results]
     print("TRIALS", len(results), "ERRORS", results.num_errors, flush=True)
     print("IDS", json.dumps(ids), flush=True)
