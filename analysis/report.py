@@ -430,7 +430,32 @@ def config_from_args(args: argparse.Namespace) -> ReportConfig:
                         tracking_uri=args.tracking_uri, cam=GradcamConfig(**cam))
 
 
+def check_results_files(paths: list[str | Path]) -> None:
+    """Each ``--results`` must be an existing Parquet file: refused here, naming it, before the sweep is read.
+
+    Only the file's footer (its schema) is read; the tidy columns are checked when it is loaded.
+    """
+    import pyarrow.parquet as pq
+
+    expected = "a tidy results table in Parquet (written by cxrtune evaluate, compare_methods or fewshot_grid)"
+    for path in map(Path, paths):
+        if not path.exists():
+            raise CxrtuneError(f"--results {path} does not exist: expected {expected}")
+        if not path.is_file():
+            raise CxrtuneError(f"--results {path} is not a file: expected {expected}")
+        try:
+            pq.read_schema(path)
+        except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ... for a file that is not Parquet
+            kind = "an empty file" if path.stat().st_size == 0 else "not a Parquet file"
+            raise CxrtuneError(f"--results {path} is {kind} ({type(exc).__name__}: {exc}): "
+                               f"expected {expected}") from exc
+
+
 def run(args: argparse.Namespace) -> int:
+    from cxrtune.report_cli import check_report_arguments
+
+    check_report_arguments(args)
+    check_results_files(args.results)
     if args.imagenet_weights is not None and not Path(args.imagenet_weights).is_file():
         raise CxrtuneError(f"--imagenet-weights {args.imagenet_weights} does not exist: pass a local torchvision "
                            "weights file, or leave the option out (the ImageNet panel then says it is absent)")

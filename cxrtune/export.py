@@ -19,16 +19,25 @@ Output folder (default ``<sweep>/export/``):
   ``--channels 1`` keeps the 1-channel ``conv1`` (then replace ``model.conv1`` with
   ``nn.Conv2d(1, 64, 7, 2, 3, bias=False)`` before loading);
 - ``config.json`` (the trial's flat config), ``metrics.json`` (the chosen report and the trial's
-  final one), ``MODEL_CARD.md``.
+  final one), ``MODEL_CARD.md``;
+- ``.cxrtune-export`` (:data:`MARKER_FILE`): JSON saying this folder is a cxrtune export (format
+  version, sweep folder, trial id, checkpoint, metric, time). It is what lets ``force`` replace it.
 
-Nothing is overwritten without ``force``; files are written to a temporary folder and renamed.
+Overwriting (see :func:`check_export_target`): an empty or missing folder is written; a non-empty
+one only with ``force``, and even then only when it is itself an export. ``force`` never deletes a
+user's folder or a sweep folder. The export is written in full to a hidden temporary folder beside
+the target (same parent, so the same filesystem), then swapped in: the old export is renamed aside,
+the new one renamed into place, the old one removed. A failure at any step leaves the old export
+as it was and no temporary folder behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
 import json
 import math
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -41,6 +50,14 @@ from cxrtune.errors import CxrtuneError
 from cxrtune.models.backbone import adapt_first_conv, load_backbone
 
 BACKBONE_FILE = "backbone.pt"
+#: Written into every export; only a folder holding it (or a pre-marker export, below) is replaced by ``force``.
+MARKER_FILE = ".cxrtune-export"
+MARKER_FORMAT = "cxrtune-export"
+MARKER_VERSION = 1
+#: What an export holds besides the marker. Exports from before the marker hold exactly these.
+EXPORT_FILES = frozenset({BACKBONE_FILE, "config.json", "metrics.json", "MODEL_CARD.md"})
+#: Names that mark a sweep folder (beside trial folders with params.json).
+SWEEP_SIGNS = ("optuna.db", "tuner.pkl", "trials.csv", "results.parquet", "episodes.parquet")
 
 
 @dataclass
@@ -112,20 +129,100 @@ def torchvision_state_dict(checkpoint: Path, channels: int = 3) -> tuple[dict[st
     return state, backbone.arch
 
 
+def read_marker(folder: Path) -> dict[str, Any] | None:
+    """The export marker of ``folder`` as a dict, or None when it has none (or not a valid one)."""
+    path = Path(folder) / MARKER_FILE
+    try:
+        marker = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and marker.get("format") == MARKER_FORMAT else None
+
+
+def _sweep_signs(folder: Path) -> list[str]:
+    signs = [name for name in SWEEP_SIGNS if (folder / name).exists()]
+    signs += sorted(p.name for p in folder.glob("experiment_state-*.json"))[:1]
+    trials = [p.name for p in folder.iterdir() if p.is_dir() and (p / "params.json").is_file()]
+    if trials:
+        signs.append(f"{len(trials)} trial folder(s) such as {sorted(trials)[0]}/")
+    return signs
+
+
+def _is_unmarked_export(folder: Path, entries: list[str]) -> bool:
+    """An export from before the marker: exactly :data:`EXPORT_FILES`, and an export's metrics.json."""
+    if set(entries) != EXPORT_FILES or not all((folder / name).is_file() for name in entries):
+        return False
+    try:
+        metrics = json.loads((folder / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(metrics, dict) and {"selected_by", "trial_id", "checkpoint"} <= set(metrics)
+
+
+def check_export_target(out: Path, force: bool, sweep_folder: Path | None = None) -> bool:
+    """Whether ``out`` may receive an export; True when an old export is there to be replaced.
+
+    - missing, or an empty folder: yes;
+    - a cxrtune export: only with ``force``. An export is a folder holding a valid
+      :data:`MARKER_FILE`, or, for exports written before the marker existed (e.g.
+      ``<sweep>/export`` left by an older sweep driver, which calls this with ``force=True``), a
+      folder whose entries are exactly the files of :data:`EXPORT_FILES` with a ``metrics.json``
+      that reads as an export's;
+    - any other non-empty folder (a user's folder, a sweep folder): refused, with or without
+      ``force``, naming it and why;
+    - a file, or a folder that is or holds ``sweep_folder``: refused.
+    """
+    if not out.exists():
+        for parent in out.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise CxrtuneError(f"export folder {out}: {parent} is a file, so the folder cannot be created")
+                break
+        return False
+    if not out.is_dir():
+        raise CxrtuneError(f"export folder {out} is an existing file, not a folder: pass --out with a folder path")
+    if sweep_folder is not None:
+        target, sweep = out.resolve(), sweep_folder.resolve()
+        if target == sweep or target in sweep.parents:
+            raise CxrtuneError(f"export folder {out} is (or holds) the sweep folder {sweep_folder}: an export "
+                               "there would replace the sweep; pass --out with a folder of its own")
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return False
+    if read_marker(out) is not None or _is_unmarked_export(out, entries):
+        if not force:
+            raise CxrtuneError(f"export folder {out} already exists; pass --force to overwrite it")
+        return True
+    signs = _sweep_signs(out)
+    if signs:
+        why = f"it looks like a sweep folder ({', '.join(signs)})"
+    elif (out / MARKER_FILE).exists():
+        why = f"its {MARKER_FILE} marker is not a valid export marker"
+    else:
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        why = f"it holds files that are not an export's ({shown}) and no {MARKER_FILE} marker"
+    raise CxrtuneError(f"export folder {out} is not empty and is not a cxrtune export: {why}. Nothing was "
+                       "written; --force replaces only an earlier export, so pass --out with a new or empty "
+                       "folder")
+
+
 def export_best(sweep_folder: str | Path, metric: str, mode: str = "max", out: str | Path | None = None,
                 force: bool = False, channels: int = 3) -> Path:
-    """Write the best checkpoint's backbone, config, metrics and model card; return the folder."""
+    """Write the best checkpoint's backbone, config, metrics, model card and marker; return the folder.
+
+    ``force`` replaces an earlier export only (:func:`check_export_target`); the new one is built
+    beside it and swapped in, so a failure leaves the old one intact.
+    """
     sweep_folder = Path(sweep_folder)
     out = Path(out) if out else sweep_folder / "export"
-    if out.exists() and any(out.iterdir()) and not force:
-        raise CxrtuneError(f"export folder {out} already exists; pass --force to overwrite it")
     if channels not in (1, 3):
         raise CxrtuneError(f"channels = {channels}: use 1 or 3")
+    check_export_target(out, force, sweep_folder)
     report = best_report(sweep_folder, metric, mode)
     state, arch = torchvision_state_dict(report.checkpoint, channels)
     final = read_results(report.trial_dir)[-1]
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
     try:
         torch.save(state, tmp / BACKBONE_FILE)
         (tmp / "config.json").write_text(json.dumps(report.config, indent=2, sort_keys=True, default=str))
@@ -134,13 +231,43 @@ def export_best(sweep_folder: str | Path, metric: str, mode: str = "max", out: s
                    "trial_id": report.trial_id, "checkpoint": str(report.checkpoint.parent)}
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str))
         (tmp / "MODEL_CARD.md").write_text(model_card(report, arch, metric, channels))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        (tmp / MARKER_FILE).write_text(json.dumps(_marker(sweep_folder, report, metric, mode, arch, channels),
+                                                  indent=2, sort_keys=True, default=str))
+        # Checked again: the folder may have changed while the checkpoint was read.
+        check_export_target(out, force, sweep_folder)
+        _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _marker(sweep_folder: Path, report: TrialReport, metric: str, mode: str, arch: str,
+            channels: int) -> dict[str, Any]:
+    from cxrtune import __version__
+
+    return {"format": MARKER_FORMAT, "version": MARKER_VERSION, "cxrtune_version": __version__,
+            "sweep_folder": str(sweep_folder.resolve()), "trial_id": report.trial_id,
+            "checkpoint": str(report.checkpoint.parent.resolve()), "metric": metric, "mode": mode,
+            "value": report.result[metric], "arch": arch, "channels": channels,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Rename the complete ``tmp`` to ``out``; an old export (or empty folder) there is renamed
+    aside first, put back if the second rename fails, and removed only once the new one is in place."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    aside.rmdir()  # a free name in the same folder: rename needs the target not to hold anything
+    os.rename(out, aside)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(aside, out)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _plain(result: dict[str, Any]) -> dict[str, Any]:
@@ -206,7 +333,8 @@ def add_export_parser(subparsers) -> None:
     p.add_argument("--mode", default="max", choices=("max", "min"))
     p.add_argument("--out", default=None, help="output folder (default <sweep folder>/export)")
     p.add_argument("--channels", type=int, default=3, choices=(1, 3), help="input channels of conv1")
-    p.add_argument("--force", action="store_true", help="overwrite an existing export")
+    p.add_argument("--force", action="store_true",
+                   help="replace an earlier export there (only a cxrtune export: never another folder)")
     p.add_argument("--register", default=None, metavar="MODEL_NAME",
                    help="also register it in the MLflow model registry with the alias 'best'")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default sqlite:///mlflow.db)")

@@ -23,9 +23,10 @@ def report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--boxes", default=None, metavar="CSV",
                         help="NIH BBox_List_2017.csv (default: the one in the NIH root the cache was built from)")
     parser.add_argument("--gradcam-size", type=int, default=None,
-                        help="backbone input side for Grad-CAM in px (default 224: a 7x7 last-stage map)")
+                        help="backbone input side for Grad-CAM in px, 32 to 4096 "
+                             "(default 224: a 7x7 last-stage map)")
     parser.add_argument("--gradcam-images", type=int, default=None,
-                        help="evaluation positives per finding scored at most (default 24)")
+                        help="evaluation positives per finding scored at most, >= 1 (default 24)")
     parser.add_argument("--gradcam-findings", default=None, metavar="A,B",
                         help="comma-separated findings for Grad-CAM (default: every finding of the episodes)")
     parser.add_argument("--tracking-uri", default=None,
@@ -38,8 +39,25 @@ def compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage", default="./cxrtune-runs", help="where sweeps live (default ./cxrtune-runs)")
     parser.add_argument("--episodes", default=None, help="episodes Parquet for checkpoints (default: the first sweep's)")
     parser.add_argument("--cache", default=None, help="image cache folder for checkpoints (default: the first sweep's)")
-    parser.add_argument("--input-size", type=int, default=None, help="probe input side (default: the sweep's)")
+    parser.add_argument("--input-size", type=int, default=None,
+                        help="probe input side in px, 16 to 4096 (default: the sweep's)")
     parser.add_argument("--out", default=None, help="also write the table as CSV here")
+
+
+def _check_int(flag: str, value: int | None, low: int, high: int | None, what: str) -> None:
+    from cxrtune.engine.cli import check_int_flag
+
+    check_int_flag(flag, value, low, high, what)
+
+
+def check_report_arguments(args: argparse.Namespace) -> None:
+    """Refuse out-of-range numbers before the sweep is read (``--gradcam-size 0`` is no default)."""
+    _check_int("--gradcam-size", args.gradcam_size, 32, 4096, "the Grad-CAM input side (px)")
+    _check_int("--gradcam-images", args.gradcam_images, 1, None, "the number of positives per finding")
+
+
+def check_compare_arguments(args: argparse.Namespace) -> None:
+    _check_int("--input-size", args.input_size, 16, 4096, "the probe input side (px)")
 
 
 def _add(commands, name: str, help: str, description: str, arguments, func) -> None:
@@ -69,4 +87,5 @@ def _run_report(args: argparse.Namespace) -> int:
 def _run_compare(args: argparse.Namespace) -> int:
     from analysis.compare import run
 
+    check_compare_arguments(args)
     return run(args)

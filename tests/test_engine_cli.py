@@ -42,3 +42,42 @@ def test_pretrain_on_phantom_writes_checkpoints_and_metrics(tmp_path, monkeypatc
     assert json.loads(lines[0])["epoch"] == 1
     [(epoch, path)] = list_checkpoints(out)
     assert epoch == 1 and load_backbone(path).arch == "resnet18"
+
+
+def test_smoke_profile_on_phantom_defaults_to_the_small_phantom_and_o_overrides_it():
+    from cxrtune.cli import build_parser
+    from cxrtune.engine.cli import SMOKE_PHANTOM, source_options
+
+    def options(*argv):
+        return source_options(build_parser().parse_args(["pretrain", "--method", "moco", "--out", "x", *argv]))
+
+    assert options("--profile", "smoke") == SMOKE_PHANTOM
+    assert options("--profile", "smoke", "-o", "n_pretrain=48") == {**SMOKE_PHANTOM, "n_pretrain": 48}
+    assert options("--profile", "cpu") == {}  # the other profiles read the source as it is
+    assert options("--profile", "smoke", "--source", "nih", "-o", "allow_missing=true") == {"allow_missing": True}
+    # the sweeps' smoke phantom, so that both build and share one small cache
+    from cxrtune.sweep.cli import PROFILES as SWEEP_PROFILES
+
+    assert SMOKE_PHANTOM == SWEEP_PROFILES["smoke"]["phantom"]
+
+
+@pytest.mark.slow
+def test_smoke_profile_trains_on_a_small_phantom_cache_at_32_px(tmp_path, monkeypatch, capsys):
+    """The cache is the sweeps' smoke phantom (hundreds of images, not 13,900), with -o on top (kept small here)."""
+    pytest.importorskip("cxrtune.data.sources.phantom")
+    monkeypatch.setenv("CXRTUNE_CACHE", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    try:
+        assert main(["pretrain", "--method", "moco", "--profile", "smoke", "-o", "n_pretrain=48", "-o", "train_neg=8",
+                     "-o", "val_neg=8", "--epochs", "1", "--quiet", "--out", str(tmp_path / "run")]) == 0
+        assert torch.get_num_threads() == 1  # smoke runs on one thread unless --threads says otherwise
+    finally:
+        torch.set_num_threads(threads)
+    [cache_json] = (tmp_path / "cache").glob("phantom/*-s32-crop/cache.json")
+    built = json.loads(cache_json.read_text())
+    assert built["size"] == 32 and built["source"]["n_pretrain"] == 48 and built["source"]["val_neg"] == 8
+    assert built["source"]["train_pos"] == 20 and built["source"]["studies_per_patient"] == 4
+    assert built["n"] < 1000
+    assert f"on {built['n']} phantom images" in capsys.readouterr().out
+    [(epoch, _)] = list_checkpoints(tmp_path / "run")
+    assert epoch == 1

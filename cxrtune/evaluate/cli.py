@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from cxrtune.errors import ConfigError
 from cxrtune.evaluate.features import BackboneSpec
 from cxrtune.evaluate.run import EVALUATORS, EvalConfig, run_evaluation, study_table, write_results
 
@@ -35,10 +36,11 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--baseline", default="none", choices=("none", "imagenet", "random"),
                    help="also evaluate this init of the same arch and print paired p-values against it")
     p.add_argument("--episodes", default=None, help="episodes Parquet from `cxrtune data tasks` (else sampled here)")
-    p.add_argument("--shots", default="1,5,10,20,50", help="shot counts when sampling episodes here")
-    p.add_argument("--trials", type=int, default=10, help="trials when sampling episodes here")
-    p.add_argument("--size", type=int, default=256, help="image cache side in pixels")
-    p.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda")
+    p.add_argument("--shots", default="1,5,10,20,50",
+                   help="comma-separated shot counts (>= 1) when sampling episodes here")
+    p.add_argument("--trials", type=int, default=10, help="trials (>= 1) when sampling episodes here")
+    p.add_argument("--size", type=int, default=256, help="image cache side in pixels (8 to 4096)")
+    p.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:N (cuda needs a CUDA GPU)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
                    help="EvalConfig override by dotted name, e.g. --set finetune.epochs=20 --set knn.k=10")
     p.add_argument("--out", default="results.parquet", help="tidy results table (Parquet)")
@@ -58,20 +60,53 @@ def _episodes(args, cache) -> pd.DataFrame:
     pool = source_from_args(args).task_pool(cache.index)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ShotsCappedWarning)
-        episodes = sample_episodes(pool, shots=[int(s) for s in args.shots.split(",")], trials=args.trials)
+        episodes = sample_episodes(pool, shots=parse_shots(args.shots), trials=args.trials)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     return episodes
 
 
+def parse_shots(text: str) -> list[int]:
+    """``--shots 1,5,20`` -> [1, 5, 20]; anything but positive integers is a :class:`ConfigError`."""
+    shots = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            value = int(part)
+        except ValueError:
+            value = None
+        if value is None or value < 1:
+            raise ConfigError(f"--shots {text!r}: {part!r} is not a shot count; "
+                              "use comma-separated integers >= 1, e.g. 1,5,20")
+        shots.append(value)
+    return shots
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse out-of-range numbers and unusable paths before the cache is built."""
+    from cxrtune.engine.cli import CACHE_SIZE_RANGE, check_int_flag
+
+    check_int_flag("--size", args.size, *CACHE_SIZE_RANGE, what="the side of the cached images (px)")
+    check_int_flag("--trials", args.trials, 1, what="the number of trials per (disease, shots)")
+    if not args.episodes:
+        parse_shots(args.shots)
+    out = Path(args.out)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder: pass the path of the results Parquet file, "
+                          f"e.g. {out / 'results.parquet'}")
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     from cxrtune.cli import parse_options, source_from_args
     from cxrtune.data.cache import get_cache
+    from cxrtune.device import resolve_device
 
+    check_arguments(args)
     overrides = parse_options(args.set, "--set")
     overrides["evaluators"] = [e.strip() for e in args.evaluator.split(",") if e.strip()]
     overrides["device"] = args.device
     config = EvalConfig().override(overrides)
+    resolve_device(config.device, "--device")  # before the cache is built, not when features are
     cache = get_cache(source_from_args(args), size=args.size, progress=not args.quiet)
     episodes = _episodes(args, cache)
     specs = [BackboneSpec(init=args.checkpoint, arch=args.arch, weights=args.weights, seed=args.seed)]
