@@ -18,34 +18,132 @@ def _load(name: str):
     return module
 
 
-def test_gpu_throughput_runs_tiny_on_cpu():
+def _resnet18_forward_flops(size: int, in_chans: int) -> int:
+    """FLOPs of one torchvision ResNet18 forward (no classifier) per image, counted by torch's
+    FlopCounterMode on a model built here, not the benchmark's."""
+    import torchvision
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):  # shapes only: nothing is initialised or computed
+        model = torchvision.models.resnet18()
+        if in_chans != 3:
+            model.conv1 = torch.nn.Conv2d(in_chans, 64, 7, 2, 3, bias=False)
+        model.fc = torch.nn.Identity()
+        model.eval()  # batch-norm statistics of one image
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(torch.zeros(1, in_chans, size, size))
+    return counter.get_total_flops()
+
+
+def test_gpu_throughput_runs_tiny_on_cpu(monkeypatch):
+    """FLOPs per image against an independent count, images/s against the benchmark's own clock
+    readings and the steps it ran between them, MFU against achieved / the peak passed in."""
+    import time as real_time
+    import types
+
     bench = _load("gpu_throughput")
+    # The counter's convention: 2 FLOPs per multiply-add. ResNet18 at 224 px is 1.81 GMACs
+    # (torchvision's published figure), so 3.63 GFLOPs.
+    assert _resnet18_forward_flops(224, 3) == pytest.approx(2 * 1.814e9, rel=0.01)
+    forward = _resnet18_forward_flops(32, 1)  # the tiny setting: ResNet18, one channel, 32 px
+
+    steps_done = [0]  # training steps started, counted through the method the benchmark builds
+    build_method = bench.build_method
+
+    def counting_build_method(*args, **kwargs):
+        method = build_method(*args, **kwargs)
+        loss = method.training_loss
+
+        def training_loss(*a, **k):
+            steps_done[0] += 1
+            return loss(*a, **k)
+
+        method.training_loss = training_loss
+        return method
+
+    readings = []  # (clock value, steps done) at each clock reading of the benchmark
+
+    def perf_counter():
+        readings.append((real_time.perf_counter(), steps_done[0]))
+        return readings[-1][0]
+
+    monkeypatch.setattr(bench, "build_method", counting_build_method)
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=perf_counter))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    batch, steps, peak = 4, 2, 0.05  # peak in TFLOP/s, passed in
     try:
-        r = bench.measure("moco", torch.device("cpu"), tiny=True, batch=4, compile_=False, channels_last=False,
-                          steps=1, warmup=0, peak=1.0)
+        outer_start = real_time.perf_counter()
+        r = bench.measure("moco", torch.device("cpu"), tiny=True, batch=batch, compile_=False, channels_last=False,
+                          steps=steps, warmup=1, peak=peak)
+        outer = real_time.perf_counter() - outer_start
     finally:
         torch.set_num_threads(threads)
-    # MoCo: query forward + backward (~3 forwards) + key forward: about 4 ResNet18 forwards at 32 px.
-    r18_forward_gflop = 2 * 1.82 * (32 / 224) ** 2
-    assert 3.5 * r18_forward_gflop < r["gflop_per_image"] < 4.5 * r18_forward_gflop
-    assert r["images_per_s"] > 0
-    assert r["mfu"] == pytest.approx(r["gflop_per_image"] * r["images_per_s"] / 1e3, rel=0.05)  # peak 1 TFLOP/s
+    assert (r["arch"], r["size"], r["batch"]) == ("resnet18", 32, batch)
+
+    # MoCo per image: the query encoder's forward and backward (about 3 forwards; conv1 needs no
+    # input gradient) and the key encoder's forward, plus small heads: about 4 ResNet18 forwards.
+    expected_flops = 4 * forward
+    assert r["gflop_per_image"] * 1e9 == pytest.approx(expected_flops, rel=0.08)
+
+    # the timed window holds exactly the `steps` timed steps: not the FLOP-counting step, not the warm-up
+    (start, before), (end, after) = readings[0], readings[-1]
+    assert (before, after) == (2, 2 + steps)
+    seconds = end - start
+    assert 0 < seconds <= outer
+    assert r["images_per_s"] == pytest.approx(steps * batch / seconds, rel=0.01)
+    # plausibility: slower than the whole call's average can't be, and one thread is far below 1 TFLOP/s
+    assert r["images_per_s"] >= (2 + steps) * batch / outer
+    assert r["images_per_s"] * expected_flops < 1e12
+    # MFU = achieved FLOP/s / peak FLOP/s, with the independent FLOP count
+    achieved = expected_flops * steps * batch / seconds
+    assert r["mfu"] == pytest.approx(achieved / (peak * 1e12), rel=0.1)
 
 
 def test_augment_bench_pipelines_agree_on_shape_and_scale():
-    bench = _load("augment_throughput")
+    """The per-sample torchvision pipeline and BatchAugment give views of one shape in the same
+    normalised units: pixel for pixel with the random parts off (both equal the image's own
+    normalised intensities), and in distribution with the full recipe."""
     import numpy as np
-    from cxrtune.augment import AugmentConfig, BatchAugment
-
-    images = np.random.default_rng(0).integers(0, 256, (4, 64, 64), dtype=np.uint8)
     from PIL import Image
 
-    cfg = AugmentConfig()
-    ref = bench.per_sample_pipeline(48, cfg)(Image.fromarray(images[0]))
-    ours = BatchAugment(cfg, 48, torch.Generator().manual_seed(0))(torch.from_numpy(images))
-    assert ref.shape == ours.shape[1:] == (1, 48, 48)
+    from _fixtures_layouts import structured_array
+    from cxrtune.augment import XRAY_MEAN, XRAY_STD, AugmentConfig, BatchAugment
+
+    bench = _load("augment_throughput")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        images = np.stack([structured_array("grey8", 64, 64, seed=s) for s in range(32)])
+        u8 = torch.from_numpy(images)
+
+        # Random parts off: a full-image crop resized 64 -> 48 px, normalised.
+        still = AugmentConfig(crop_scale_min=1.0, crop_ratio_min=1.0, crop_ratio_max=1.0, hflip_p=0.0,
+                              rotation_deg=0.0, jitter_p=0.0, blur_p=0.0, noise_std=0.0)
+        ref = torch.stack([bench.per_sample_pipeline(48, still)(Image.fromarray(im)) for im in images[:16]])
+        ours = BatchAugment(still, 48, torch.Generator().manual_seed(0))(u8[:16])
+        assert ref.shape == ours.shape == (16, 1, 48, 48)
+        assert (ref - ours).abs().mean() < 0.05  # antialiased vs plain bilinear resizing
+        # both are the images' own intensities in the X-ray normalisation (resizing keeps the mean)
+        own = torch.from_numpy((images[:16] / 255.0 - XRAY_MEAN) / XRAY_STD).float().mean(dim=(1, 2))
+        torch.testing.assert_close(ref.mean(dim=(1, 2, 3)), own, atol=0.02, rtol=0)
+        torch.testing.assert_close(ours.mean(dim=(1, 2, 3)), own, atol=0.02, rtol=0)
+
+        # The full recipe, 8 views of each of 32 images: the same distribution of values.
+        cfg = AugmentConfig()
+        torch.manual_seed(0)  # torchvision's transforms draw from the global generator
+        pipeline = bench.per_sample_pipeline(48, cfg)
+        ref = torch.stack([pipeline(Image.fromarray(im)) for im in images for _ in range(8)])
+        ref = ref + cfg.noise_std * torch.randn_like(ref)  # the noise bench.run_per_sample adds
+        augment = BatchAugment(cfg, 48, torch.Generator().manual_seed(0))
+        ours = torch.cat([augment(u8) for _ in range(8)])
+    finally:
+        torch.set_num_threads(threads)
+    assert ref.shape == ours.shape == (256, 1, 48, 48)
+    assert abs(ref.mean().item() - ours.mean().item()) < 0.25  # in std units of the normalisation
+    assert ours.std().item() == pytest.approx(ref.std().item(), rel=0.15)
+    q = torch.tensor([0.05, 0.5, 0.95])
+    torch.testing.assert_close(torch.quantile(ours.flatten(), q), torch.quantile(ref.flatten(), q), atol=0.3, rtol=0)
 
 
 def test_ssl_vs_random_combine_averages_runs_finding_by_finding(tmp_path, capsys):

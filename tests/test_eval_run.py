@@ -76,21 +76,62 @@ def test_finetune_evaluator_runs_seeded(data, tmp_path, monkeypatch):
     assert (first["evaluator"] == "finetune").all() and first["auroc"].between(0, 1).all()
 
 
-def test_cli_prints_the_study_table(data, tmp_path, monkeypatch, capsys):
-    import cxrtune.cli
-    import cxrtune.data.cache
+def _write_csv_archive(root, index: pd.DataFrame, images) -> None:
+    """The fixture's images as a ``csv`` source: one 8-bit PNG each and labels.csv with ids and splits."""
+    from PIL import Image
 
-    monkeypatch.setenv("CXRTUNE_CACHE", str(tmp_path))
-    cache, episodes = data
-    monkeypatch.setattr(cxrtune.data.cache, "get_cache", lambda *a, **k: cache)
-    monkeypatch.setattr(cxrtune.cli, "source_from_args", lambda args: None)
+    (root / "png").mkdir(parents=True)
+    rows = []
+    for row, image in zip(index.itertuples(), images):
+        Image.fromarray(image).save(root / "png" / row.image_id)
+        rows.append({"image_id": row.image_id, "path": f"png/{row.image_id}", "labels": "|".join(row.labels),
+                     "patient_id": row.patient_id, "split": row.split})
+    pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
+
+
+def test_cli_prints_the_study_table(data, tmp_path, monkeypatch, capsys):
+    """`cxrtune evaluate` through its real source and cache wiring: a csv archive of PNGs, the
+    image cache built under $CXRTUNE_CACHE; its table equals an in-memory evaluation of the same
+    pixels, and the printed study table shows that table's numbers."""
+    import cxrtune.cli
+
+    fake, episodes = data
+    images = fake.images.copy()
+    images[:, 0, 0], images[:, 0, 1] = 0, 255  # full range: the decoder's min-max rule keeps every pixel
+    archive = tmp_path / "archive"
+    _write_csv_archive(archive, fake.index, images)
+    monkeypatch.setenv("CXRTUNE_CACHE", str(tmp_path / "cache"))
     save_episodes(episodes, tmp_path / "episodes.parquet")
     code = cxrtune.cli.main(["evaluate", "--checkpoint", "random", "--arch", "resnet18", "--baseline", "random",
                              "--seed", "1", "--episodes", str(tmp_path / "episodes.parquet"), "--device", "cpu",
+                             "--source", "csv", "--root", str(archive), "--size", "32",
                              "--set", "input_size=28", "--evaluator", "knn", "--out", str(tmp_path / "r.parquet"),
                              "--quiet"])
     out = capsys.readouterr().out
-    print(out)
     assert code == 0 and (tmp_path / "r.parquet").is_file()
-    assert "random-resnet18-baseline" in out and "paired over diseases vs random-resnet18-baseline" in out
-    assert len(pd.read_parquet(tmp_path / "r.parquet")) == 2 * len(episodes)
+    table = pd.read_parquet(tmp_path / "r.parquet")
+    assert len(table) == 2 * len(episodes)
+    assert set(table["backbone"]) == {"random-resnet18", "random-resnet18-baseline"}
+    # the image cache was built from the archive, under $CXRTUNE_CACHE, not found elsewhere
+    built = [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and "features" not in p.parts]
+    assert built, "no image cache under $CXRTUNE_CACHE"
+
+    # the same backbone on the same pixels, in memory: the source and cache wiring changed nothing
+    spec = BackboneSpec(init="random", arch="resnet18", seed=1)
+    expected = run_evaluation(spec, FakeCache(fake.index, images), episodes,
+                              config=EvalConfig(evaluators=("knn",), **TINY))
+    keys = ["disease", "shots", "trial"]
+    for name in ("random-resnet18", "random-resnet18-baseline"):  # the baseline is the same init and seed
+        got = table[table["backbone"] == name].sort_values(keys).reset_index(drop=True)
+        want = expected.sort_values(keys).reset_index(drop=True)
+        assert got[keys].equals(want[keys])
+        assert got["auroc"].to_numpy() == pytest.approx(want["auroc"].to_numpy(), abs=1e-6)
+
+    # the printed study table: each backbone's mean over diseases of per-disease mean AUROC, per shots
+    lines = out.splitlines()
+    for name in ("random-resnet18", "random-resnet18-baseline"):
+        per_shots = (table[table["backbone"] == name].groupby(["shots", "disease"]).auroc.mean()
+                     .groupby("shots").mean())
+        line = next(l for l in lines if l.split()[:2] == [name, "knn"])
+        assert line.split()[2:] == [f"{per_shots[s]:.3f}" for s in sorted(per_shots.index)]
+    assert "paired over diseases vs random-resnet18-baseline" in out

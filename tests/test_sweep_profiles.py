@@ -1,4 +1,9 @@
-"""What each sweep profile evaluates first, and how its validation episodes are drawn."""
+"""What each sweep profile evaluates first, and what its command line resolves to.
+
+The driver is run through its real code path (``main`` with argv, a real ``csv`` archive of PNGs,
+real caches under tmp_path) up to the point where it hands its :class:`SweepSpec` to Ray: there
+``run_sweep`` is replaced by a recorder, so no Ray session starts.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,15 @@ from pathlib import Path
 
 import pytest
 from ray import tune
+from ray.tune.schedulers import ASHAScheduler
 
-from cxrtune.sweep.cli import PROFILES, _profile_config, search_points
+from _sweep_fixtures import write_eval_archive
+from cxrtune.engine import profiles as engine_profiles
+from cxrtune.errors import ConfigError
+from cxrtune.sweep.cli import PROFILES, _profile_config, main, search_points
 
 ROOT = Path(__file__).resolve().parents[1]
+METHOD_SWEEPS = ("moco_variance", "barlow_lambda", "spark_mask", "dino_temperature")
 
 
 def load_sweep(name: str):
@@ -20,15 +30,72 @@ def load_sweep(name: str):
     return module.SWEEP
 
 
+#: The study's MoCo setting (docs: variance weight 1.0, temperature 0.07, lr 0.045).
 STUDY = {"moco.variance_weight": 1.0, "moco.temperature": 0.07, "optim.lr": 0.045}
+
+
+class _Handed(Exception):
+    """Raised by the recorder in place of Ray: the driver got as far as starting the sweep."""
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    """A labelled csv archive and a cache folder, shared by the module (each cache size is built once)."""
+    root = tmp_path_factory.mktemp("profiles")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CXRTUNE_CACHE", str(root / "cache"))
+    mp.chdir(root)  # anything the driver writes by default lands here
+    layout = write_eval_archive(root / "eval")
+    yield {**layout, "tmp": root, "calls": [0]}
+    mp.undo()
+
+
+def resolve(archive, monkeypatch, *argv: str, sweep: str = "moco_variance"):
+    """Run the sweep's command line until it would start Ray; return the SweepSpec it built.
+    Each call is a new sweep (its own storage); the image caches are shared."""
+    import cxrtune.sweep.runner as runner
+
+    handed = {}
+
+    def record(spec, **kwargs):
+        handed["spec"] = spec
+        raise _Handed
+
+    monkeypatch.setattr(runner, "run_sweep", record)
+    archive["calls"][0] += 1
+    storage = archive["tmp"] / f"runs{archive['calls'][0]}"
+    # nothing is tracked before Ray starts: an in-memory MLflow store spares a schema migration
+    with pytest.raises(_Handed):
+        main(load_sweep(sweep), ["--source", "csv", "--root", str(archive["root"]), "--storage", str(storage),
+                                 "--tracking-uri", "sqlite:///:memory:", *argv])
+    return handed["spec"]
+
+
+@pytest.fixture(scope="module")
+def smoke_spec(archive):
+    mp = pytest.MonkeyPatch()
+    try:
+        return resolve(archive, mp, "--profile", "smoke")
+    finally:
+        mp.undo()
+
+
+def stopping_rungs(spec) -> list[int]:
+    """The epochs below max_t at which Ray's ASHA, built as the runner builds it, may stop a trial."""
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=spec.max_t, grace_period=spec.grace_period,
+                              reduction_factor=spec.reduction_factor)
+    return sorted(m for bracket in scheduler._brackets for m, _ in bracket._rungs if m < spec.max_t)
 
 
 def test_cpu_profile_evaluates_the_study_setting_then_its_own():
     sweep = load_sweep("moco_variance")
     fixed = _profile_config(sweep, PROFILES["cpu"], {})
     points = search_points(sweep, sweep.space, fixed, PROFILES["cpu"])
-    assert points[0] == STUDY
-    # the engine's cpu profile: the setting bench/ssl_vs_random.py measured
+    assert points[0] == sweep.seed_point == STUDY
+    # the second point is the engine's cpu profile (the setting bench/ssl_vs_random.py measured),
+    # read from the engine, not from the sweep profile
+    engine_cpu = engine_profiles.profile("cpu", "moco").to_flat()
+    assert points[1] == {k: engine_cpu[k] for k in sweep.space}
     assert points[1] == {"moco.variance_weight": 1.0, "moco.temperature": 0.2, "optim.lr": 0.06}
     assert len(points) == 2
 
@@ -37,7 +104,17 @@ def test_cpu_profile_evaluates_the_study_setting_then_its_own():
 def test_other_profiles_start_from_the_study_setting_only(profile):
     sweep = load_sweep("moco_variance")
     fixed = _profile_config(sweep, PROFILES[profile], {})
-    assert search_points(sweep, sweep.space, fixed, PROFILES[profile]) == [STUDY]
+    assert search_points(sweep, sweep.space, fixed, PROFILES[profile]) == [sweep.seed_point]
+    assert sweep.seed_point == STUDY
+
+
+def test_a_profile_point_equal_to_the_study_setting_is_not_evaluated_twice():
+    sweep = load_sweep("moco_variance")
+    cpu = PROFILES["cpu"]
+    same = {**cpu, "overrides": {**cpu["overrides"], **sweep.seed_point}}  # the profile trains the study's values
+    fixed = _profile_config(sweep, same, {})
+    assert {k: fixed[k] for k in sweep.space} == sweep.seed_point
+    assert search_points(sweep, sweep.space, fixed, same) == [sweep.seed_point]
 
 
 def test_a_fixed_key_leaves_the_points_and_an_out_of_range_profile_value_is_skipped():
@@ -51,11 +128,61 @@ def test_a_fixed_key_leaves_the_points_and_an_out_of_range_profile_value_is_skip
     assert search_points(sweep, narrow, fixed, PROFILES["cpu"]) == [STUDY]
 
 
-def test_the_cpu_profile_tests_on_every_held_out_image_and_fits_an_hour():
-    cpu = PROFILES["cpu"]
-    assert cpu["test_negatives"] == "all"
-    fixed = _profile_config(load_sweep("moco_variance"), cpu, {})
+@pytest.mark.parametrize("profile", list(PROFILES))
+def test_every_profile_resolves_to_an_engine_config_for_every_method_sweep(profile):
+    """Each profile's overrides are keys the engine config accepts, and land as given; every
+    sweep's searched keys are config keys under it (the driver refuses a sweep otherwise)."""
+    for name in METHOD_SWEEPS:
+        sweep = load_sweep(name)
+        fixed = _profile_config(sweep, PROFILES[profile], {})
+        assert fixed["method"] == sweep.method
+        for key, value in PROFILES[profile]["overrides"].items():
+            assert fixed[key] == value, (name, key)
+        assert set(sweep.space) <= set(fixed), name
+        assert set(sweep.seed_point) <= set(sweep.space), name
+    # the engine refuses a key it does not know: the check above is not vacuous
+    with pytest.raises(ConfigError, match="unknown config key 'train.epoch'"):
+        _profile_config(load_sweep("moco_variance"), {**PROFILES[profile], "overrides": {"train.epoch": 2}}, {})
+
+
+def test_smoke_sweep_resolves_to_a_spec_whose_asha_stops_no_trial(archive, smoke_spec):
+    spec = smoke_spec
+    epochs = spec.param_space["train.epochs"]
+    assert spec.max_t == epochs == 2
+    assert spec.grace_period == epochs and stopping_rungs(spec) == []  # a smoke run is deterministic
+    assert spec.points_to_evaluate[0] == STUDY
+    # the searched keys stay Tune domains; everything else is fixed, the data included
+    assert all(hasattr(spec.param_space[k], "sample") for k in load_sweep("moco_variance").space)
+    assert Path(spec.param_space["trial.cache"]).is_relative_to(archive["tmp"] / "cache")
+    assert Path(spec.param_space["trial.episodes"]).is_file()
+
+
+def test_num_samples_and_max_concurrent_from_argv_reach_the_spec(archive, smoke_spec, monkeypatch):
+    default = smoke_spec
+    assert (default.num_samples, default.max_concurrent) == (PROFILES["smoke"]["num_samples"],
+                                                            PROFILES["smoke"]["max_concurrent"])
+    spec = resolve(archive, monkeypatch, "--profile", "smoke", "--num-samples", "5", "--max-concurrent", "1",
+                   "--seed", "7", "--set", "optim.lr=0.01", "--name", "other")
+    assert (spec.num_samples, spec.max_concurrent, spec.seed, spec.name) == (5, 1, 7, "other")
+    # --set fixes a searched key: it leaves the space and the points, the rest of the seed point stays first
+    assert spec.param_space["optim.lr"] == 0.01
+    assert spec.points_to_evaluate == [{"moco.variance_weight": 1.0, "moco.temperature": 0.07}]
+
+
+def test_the_cpu_profile_tests_on_every_held_out_image_and_fits_an_hour(archive, monkeypatch):
+    import pandas as pd
+
+    spec = resolve(archive, monkeypatch, "--profile", "cpu", "--name", "cpu")
+    episodes = pd.read_parquet(spec.param_space["trial.episodes"])
+    listing = pd.read_csv(archive["root"] / "labels.csv")
+    held_out_normals = set(listing.loc[(listing["labels"] == "No Finding") & (listing["split"] == "val"), "image_id"])
+    assert len(held_out_normals) == 8
+    for row in episodes.itertuples():
+        # every held-out image without the finding is a test negative (not a matched sample of them)
+        assert held_out_normals <= set(row.test_ids), row.disease
+        assert sum(l == 0 for l in row.test_labels) > sum(l == 1 for l in row.test_labels)
     # trials run side by side, one core each: the sweep lasts one trial's time limit plus start-up
-    assert cpu["num_samples"] <= cpu["max_concurrent"]
-    assert fixed["train.time_limit_minutes"] <= 57
-    assert cpu["grace_period"] >= fixed["train.epochs"]  # two trials: ASHA has nothing to stop
+    assert spec.num_samples <= spec.max_concurrent and spec.resources == {"cpu": 1}
+    assert spec.param_space["train.time_limit_minutes"] <= 57
+    assert stopping_rungs(spec) == []  # both trials train all their epochs: ASHA has nothing to stop
+    assert spec.points_to_evaluate[0] == STUDY and len(spec.points_to_evaluate) == 2

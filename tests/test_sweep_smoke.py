@@ -28,6 +28,30 @@ def _load_sweep_script(name: str):
     return module
 
 
+def _objective(table, shots: int) -> float:
+    """The sweep's objective from a probe table: mean over findings of the per-finding mean AUROC."""
+    rows = table[table["shots"] == shots]
+    per_finding = {d: rows.loc[rows["disease"] == d, "auroc"].sum() / (rows["disease"] == d).sum()
+                   for d in set(rows["disease"])}
+    return sum(per_finding.values()) / len(per_finding)
+
+
+def _artifact_table(client, run_id: str, path: str, folder: Path):
+    import pandas as pd
+
+    dst = folder.parent / "downloaded" / run_id
+    dst.mkdir(parents=True, exist_ok=True)
+    return pd.read_parquet(client.download_artifacts(run_id, path, str(dst)))
+
+
+def _optuna_trials(folder: Path):
+    """The sweep's Optuna study, trials in creation order."""
+    import optuna
+
+    study = optuna.load_study(study_name=folder.name, storage=f"sqlite:///{folder / 'optuna.db'}")
+    return sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     from _sweep_fixtures import remove_ray_tmpdir, short_ray_tmpdir
@@ -75,10 +99,26 @@ def test_smoke_sweep_tracks_every_trial_in_mlflow(smoke_sweep):
         assert "moco.temperature" in child.data.params and "optim.lr" in child.data.params
         history = client.get_metric_history(child.info.run_id, "feature_std")
         assert [m.step for m in history] == [1, 2]  # one point per epoch
-        assert 0.0 <= child.data.metrics["probe_auroc_20shot"] <= 1.0
-    # the study's setting was the first trial evaluated
-    temps = sorted(float(c.data.params["moco.temperature"]) for c in children)
-    assert 0.07 in temps
+        # the objective it reports is the one its probe table gives: mean over the findings of
+        # each finding's mean 20-shot AUROC, recomputed here from the episodes' rows; the same
+        # for random init (the trial's starting weights) and its own table
+        final = _artifact_table(client, child.info.run_id, "last_checkpoint/probe_results.parquet", folder)
+        initial = _artifact_table(client, child.info.run_id, "initial_probe_results.parquet", folder)
+        for table in (final, initial):
+            assert len(table[table["shots"] == 20]) == table["disease"].nunique() * 2  # 2 trials per finding
+            assert table["auroc"].between(0.0, 1.0).all()
+        assert child.data.metrics["probe_auroc_20shot"] == pytest.approx(_objective(final, 20), abs=1e-6)
+        assert child.data.metrics["probe_auroc_5shot"] == pytest.approx(_objective(final, 5), abs=1e-6)
+        assert child.data.metrics["initial_probe_auroc_20shot"] == pytest.approx(_objective(initial, 20), abs=1e-6)
+    # the study's setting was the first trial evaluated: Optuna's trial 0, and Tune's first trial
+    seed_point = _load_sweep_script("moco_variance").SWEEP.seed_point
+    trials = _optuna_trials(folder)
+    assert [t.number for t in trials] == [0, 1]
+    assert trials[0].params == pytest.approx(seed_point)
+    assert trials[1].params != pytest.approx(seed_point)
+    tracked = [{k: float(c.data.params[k]) for k in seed_point} for c in children]
+    for trial in trials:  # each Optuna trial is one tracked trial, with the params Optuna gave it
+        assert sum(params == pytest.approx(trial.params) for params in tracked) == 1
 
 
 def test_smoke_sweep_exports_a_backbone_that_loads_into_torchvision(smoke_sweep):
