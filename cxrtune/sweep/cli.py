@@ -487,8 +487,11 @@ def _data_params(data: SweepData) -> dict[str, Any]:
 
 
 def error_causes(results) -> dict[str, str]:
-    """trial id -> the last line of its error (e.g. ``OSError: [Errno 28] No space left on
-    device``), read from the exception, else from its ``error.txt`` or ``trial.log``."""
+    """trial id -> the cause of its error, read from the exception, its ``error.txt`` and its
+    ``trial.log``: an OS error (``OSError: [Errno 28] No space left on device``) where one is in
+    the chain, since the last exception of a chain often hides it, else the last error line."""
+    import shutil
+
     from trainables._log import TRIAL_LOG
 
     causes: dict[str, str] = {}
@@ -501,16 +504,18 @@ def error_causes(results) -> dict[str, str]:
             path = Path(result.path) / name
             if path.is_file():
                 texts.append(path.read_text(errors="replace"))
-        cause = ""
-        for text in texts:
-            lines = [l.strip() for l in text.splitlines() if l.strip() and not l.strip().startswith(("File ", "^"))]
-            named = [l for l in lines if "Error" in l or "Errno" in l or "Exception" in l]
-            if named:
-                cause = named[-1]
-                break
-            if lines and not cause:
-                cause = lines[-1]
-        causes[trial_id] = cause[:300] or "see its error.txt"
+        lines = [l.strip() for text in texts for l in text.splitlines()
+                 if l.strip() and not l.strip().startswith(("File ", "^", "Traceback"))]
+        os_errors = [l for l in lines if "[Errno " in l]
+        named = [l for l in lines if "Error" in l or "Exception" in l]
+        cause = (os_errors or named or lines or ["see its error.txt"])[-1 if not os_errors else 0]
+        if "[Errno 28]" in cause:
+            try:
+                free = shutil.disk_usage(result.path).free
+                cause += f" ({free / 1e6:.1f} MB free now in {result.path})"
+            except OSError:
+                pass
+        causes[trial_id] = cause[:300]
     return causes
 
 

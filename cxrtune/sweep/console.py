@@ -143,6 +143,13 @@ class ConsoleCallback(Callback):
         epoch = result.get("epoch", result.get("training_iteration", "?"))
         self._line(f"trial {trial.trial_id} {status} after epoch {epoch}{objective}")
 
+    def on_trial_recover(self, iteration: int, trials, trial, **info) -> None:
+        # A failure Tune retries (FailureConfig.max_failures): a lost node, a killed worker.
+        result = trial.last_result or {}
+        epoch = result.get("epoch", result.get("training_iteration"))
+        where = f"from its checkpoint after epoch {epoch}" if epoch else "from the start"
+        self._line(f"trial {trial.trial_id} failed (attempt {trial.num_failures}); retrying {where}", error=True)
+
     def on_trial_error(self, iteration: int, trials, trial, **info) -> None:
         # Tune writes the traceback in the driver's staging copy of the trial folder (under Ray's
         # session folder) and syncs it to the sweep folder: show the sweep folder's path, which

@@ -164,7 +164,8 @@ def open_sweep(name: str, storage: str | os.PathLike | None = None, *, resume: b
         raise ConfigError(f"sweep name {name!r}: use a non-empty name without slashes or spaces")
     sweepstate.check_storage(storage or DEFAULT_STORAGE)
     folder = sweep_dir(name, storage)
-    _check_restorable(name, folder, resume)
+    if resume:  # refused before anything is written (a mistyped --name leaves no folder behind)
+        _check_restorable(name, folder, resume)
     identity = sweepstate.read_identity(folder) if folder.is_dir() else None
     if resume and identity is None:
         raise CxrtuneError(
@@ -174,7 +175,9 @@ def open_sweep(name: str, storage: str | os.PathLike | None = None, *, resume: b
     uri = uri_in_force(tracking_uri) if (not resume or tracking_uri) else identity["tracking_uri"]
     sweepstate.check_tracking(uri)
     with sweepstate.hold_driver_lock(folder):
-        _check_restorable(name, folder, resume)  # another driver may have created it meanwhile
+        # under the lock: a second driver of a running sweep is refused by the lock, naming the
+        # holder, before it could be told "already exists"
+        _check_restorable(name, folder, resume)
         if resume:
             identity = sweepstate.read_identity(folder)
             merged = sweepstate.resume_record(identity.get("record", {}), record or {}, resume_hint)
