@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from cxrtune.errors import CxrtuneError
+from cxrtune.errors import ConfigError, CxrtuneError
 
 
 def parse_value(text: str) -> Any:
@@ -33,7 +33,10 @@ def parse_options(pairs: Sequence[str] | None, flag: str = "--option") -> dict[s
     options: dict[str, Any] = {}
     for pair in pairs or ():
         if "=" not in pair:
-            raise CxrtuneError(f"{flag} {pair!r} is not of the form key=value")
+            raise CxrtuneError(
+                f"{flag} {pair!r} is not of the form key=value: give the name, '=' and the value "
+                f"(a number, true/false, a JSON list or text), e.g. {flag} name=3"
+            )
         key, value = pair.split("=", 1)
         options[key.strip().replace("-", "_")] = parse_value(value.strip())
     return options
@@ -62,6 +65,49 @@ def source_from_args(args: argparse.Namespace):
 
 
 # -- data subcommands ---------------------------------------------------------------------------
+def parse_shots(text: str, flag: str = "--shots") -> list[int]:
+    """``"1,5,10"`` -> ``[1, 5, 10]``; anything else is a :class:`ConfigError` naming ``flag``."""
+    valid = f"use positive integers separated by commas, e.g. {flag} 1,5,10"
+    items = [item.strip() for item in str(text).split(",")]
+    shots = []
+    for item in items:
+        try:
+            value = int(item)
+        except ValueError:
+            value = None
+        if value is None or value < 1:
+            what = "an empty entry" if not item else f"{item!r} is not a positive integer"
+            raise ConfigError(f"{flag} {text!r} is not valid: {what}; {valid}")
+        if value in shots:
+            raise ConfigError(f"{flag} {text!r} is not valid: {value} is listed twice; {valid}")
+        shots.append(value)
+    return shots
+
+
+def check_int_flag(flag: str, value: int | None, low: int, high: int | None = None, what: str = "") -> None:
+    """Refuse an integer flag outside [low, high] with the valid range in the message (None passes:
+    the flag was not given)."""
+    if value is None or (value >= low and (high is None or value <= high)):
+        return
+    valid = f"an integer from {low} to {high}" if high is not None else f"an integer >= {low}"
+    raise ConfigError(f"{flag} {value} is not valid: use {valid}" + (f" ({what})" if what else ""))
+
+
+def _check_cache_flags(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from cxrtune.data.cache import CacheConfig
+
+    size = next(f for f in dataclasses.fields(CacheConfig) if f.name == "size").metadata
+    check_int_flag("--size", args.size, int(size["low"]), int(size["high"]), "pixels per side of the cached images")
+    check_int_flag("--workers", args.workers, 1, what="decoding processes; leave it out for the default")
+
+
+def _print_caught(caught) -> None:
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+
+
 def cmd_data_index(args: argparse.Namespace) -> int:
     from cxrtune.data.index import write_index
 
@@ -84,33 +130,59 @@ def default_index_path(source) -> Path:
 
 
 def cmd_data_cache(args: argparse.Namespace) -> int:
-    from cxrtune.data.cache import build_cache, cache_summary
+    from cxrtune.data.cache import FlatImageWarning, build_cache, cache_summary
 
+    _check_cache_flags(args)
     source = source_from_args(args)
-    cache = build_cache(source, size=args.size, fit=args.fit, workers=args.workers, strict=args.strict,
-                        rebuild=args.rebuild, progress=not args.quiet)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FlatImageWarning)
+        cache = build_cache(source, size=args.size, fit=args.fit, workers=args.workers, strict=args.strict,
+                            rebuild=args.rebuild, progress=not args.quiet)
+    _print_caught(caught)
     print(cache_summary(cache))
     return 0
 
 
 def cmd_data_tasks(args: argparse.Namespace) -> int:
-    from cxrtune.data.cache import get_cache
+    from cxrtune.data.cache import FlatImageWarning, get_cache
     from cxrtune.data.tasks import ShotsCappedWarning, sample_episodes, save_episodes
+    from cxrtune.errors import TaskError
 
-    source = source_from_args(args)
-    # Episodes refer to images the cache could decode, so they are drawn from the cache's index.
-    cache = get_cache(source, size=args.size, fit=args.fit, workers=args.workers, progress=not args.quiet)
+    # Every flag is checked before the cache is built: a typo should not cost a decoding run.
+    _check_cache_flags(args)
+    shots = parse_shots(args.shots)
+    check_int_flag("--trials", args.trials, 1, what="trials per disease and shot count")
+    check_int_flag("--seed-base", args.seed_base, 0, what="trial t uses seed seed-base + t")
     pool_options = parse_options(args.pool_option, "--pool-option")
-    if args.diseases:
+    if args.diseases is not None:
         pool_options["diseases"] = [d.strip() for d in args.diseases.split(",") if d.strip()]
+        if not pool_options["diseases"]:
+            raise ConfigError(f"--diseases {args.diseases!r} names no disease: use comma-separated labels, "
+                              "e.g. --diseases Hernia,Mass, or leave it out for every qualifying one")
+    source = source_from_args(args)
+    known = type(source).task_option_names()
+    unknown = sorted(set(pool_options) - set(known))
+    if unknown:
+        raise ConfigError(f"--pool-option {unknown[0]} is not a task pool option of the {source.name} source: "
+                          f"use one of {', '.join(known)}")
+    # Episodes refer to images the cache could decode, so they are drawn from the cache's index.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FlatImageWarning)
+        cache = get_cache(source, size=args.size, fit=args.fit, workers=args.workers, progress=not args.quiet)
+    _print_caught(caught)
     pool = source.task_pool(cache.index, **pool_options)
-    shots = [int(s) for s in args.shots.split(",")]
+    if not pool.diseases:
+        raise TaskError(
+            f"no label of the {source.name} source qualifies as a few-shot task (too few single-label "
+            "training or evaluation positives for the protocol's min_train / min_val; the no-finding "
+            f"labels {list(source.no_finding)} are never tasks); lower the minimums, e.g. --pool-option "
+            "min_train=5 --pool-option min_val=2, or add labelled images"
+        )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ShotsCappedWarning)
         episodes = sample_episodes(pool, shots=shots, trials=args.trials, seed_base=args.seed_base,
                                    strict=args.strict)
-    for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
+    _print_caught(caught)
     out = Path(args.out)
     save_episodes(episodes, out)
     print(pool.summary().to_string(index=False))
@@ -143,6 +215,8 @@ def cmd_data_info(args: argparse.Namespace) -> int:
 def cmd_data_preview(args: argparse.Namespace) -> int:
     if args.source != "phantom":
         raise CxrtuneError(f"--source {args.source!r}: preview is available for the phantom source only")
+    check_int_flag("--size", args.size, 8, 4096, "pixels per side of each tile")
+    check_int_flag("--seed", args.seed, 0)
     from cxrtune.data.phantom.preview import preview_contact_sheet
 
     path = preview_contact_sheet(Path(args.out), size=args.size, seed=args.seed)

@@ -7,6 +7,7 @@ import json
 import multiprocessing
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,11 +31,13 @@ from _cache_fixtures import (
 from cxrtune.data.cache import (
     IMAGES_FILE,
     REPORT_FILE,
+    FlatImageWarning,
     ImageCache,
     build_cache,
     cache_root,
     cache_summary,
     find_caches,
+    format_bytes,
     get_cache,
 )
 from cxrtune.data.imageio import load_grey_square
@@ -206,7 +209,8 @@ def test_corrupt_and_truncated_pngs_are_skipped_and_listed(pngs, cache_env):
     assert sorted(skipped) == ["img_004.png", "img_009.png"]
     assert str(pngs / "img_004.png") in skipped["img_004.png"]["reason"]
     assert skipped["img_009.png"]["path"] == str(pngs / "img_009.png")
-    assert cache.report["counts"] == {"listed": 12, "cached": 10, "skipped": 2, "missing": 0, "unreadable": 2}
+    assert cache.report["counts"] == {"listed": 12, "cached": 10, "skipped": 2, "missing": 0, "unreadable": 2,
+                                     "flagged": 0}
     with pytest.raises(DataError, match="img_004.png.*skipped"):
         cache.rows_for(["img_000.png", "img_004.png"])
     with pytest.raises(DataError, match="strict=True.*skipped 2"):
@@ -245,6 +249,49 @@ def test_every_image_unreadable_is_an_error(tmp_path, cache_env):
     with pytest.raises(DataError, match="none of the 3 indexed images could be read"):
         build_cache(PngFolderSource(folder), size=SIZE, workers=1, progress=False)
     assert _entries(cache_env) == []
+
+
+def test_one_pixel_and_constant_images_are_kept_warned_and_listed(pngs, cache_env):
+    write_png(pngs / "img_dot.png", np.full((1, 1), 200, np.uint8))
+    write_png(pngs / "img_flat.png", np.full((40, 52), 77, np.uint8))
+    flat = r"2 cached image\(s\) have every pixel equal.*img_dot\.png.*img_flat\.png"
+    with pytest.warns(FlatImageWarning, match=flat):
+        cache = build_cache(PngFolderSource(pngs), size=SIZE, workers=1, progress=False)
+
+    assert len(cache) == 14  # kept: they decode; only unreadable files are skipped
+    flagged = {f["image_id"]: f for f in cache.report["flagged"]}
+    assert sorted(flagged) == ["img_dot.png", "img_flat.png"] and cache.report["counts"]["flagged"] == 2
+    assert flagged["img_dot.png"]["reason"] == "the file is 1 x 1 px and holds one pixel"
+    assert flagged["img_flat.png"]["reason"] == "the file is 52 x 40 px and every pixel has the same value"
+    assert flagged["img_flat.png"]["path"] == str(pngs / "img_flat.png")
+    for image_id in flagged:
+        assert not cache.images[cache.rows_for([image_id])[0]].any()  # cached flat black
+    assert json.loads((cache.path / REPORT_FILE).read_text())["flagged"] == cache.report["flagged"]
+    assert "flagged  2 image(s) with every pixel equal" in cache_summary(cache)
+    assert "flagged" not in cache_summary(build_cache(PngFolderSource(pngs), size=16, workers=1, progress=False,
+                                                      index=PngFolderSource(pngs).build_index().iloc[:3]))
+
+
+@pytest.mark.parametrize("free, needed_text, free_text", [
+    (0, "12 KB", "0 bytes"),
+    (410, "12 KB", "410 bytes"),
+    (5_300, "12 KB", "5.3 KB"),
+    (12_000, "12,288 bytes", "12,000 bytes"),  # both "12 KB": the exact counts show the gap
+])
+def test_a_full_disk_is_refused_with_sizes_in_readable_units(pngs, cache_env, monkeypatch, free, needed_text,
+                                                              free_text):
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=free))
+    with pytest.raises(DataError, match=rf"the image cache needs {needed_text} in .* but only {free_text} are free; "
+                                        "free some space or point CXRTUNE_CACHE"):
+        build_cache(PngFolderSource(pngs), size=SIZE, workers=1, progress=False)  # 12 x 32 x 32 bytes
+    assert find_caches() == []
+
+
+def test_byte_counts_use_the_unit_that_shows_them():
+    cases = {0: "0 bytes", 1: "1 byte", 999: "999 bytes", 1000: "1.0 KB", 410_000: "410 KB", 999_600: "1.0 MB",
+             3_200_000: "3.2 MB", 12_300_000_000: "12 GB", 7_000_000_000_000: "7.0 TB"}
+    assert {n: format_bytes(n) for n in cases} == cases
 
 
 def test_bad_settings_name_the_field(pngs, cache_env):

@@ -5,13 +5,17 @@ from __future__ import annotations
 import collections
 import csv
 import gzip
+import os
 import re
 
 import numpy as np
 import pytest
 
-from _fixtures_layouts import PNG_KINDS, centre_square, expected_grey_uint8, structured_array, write_csv_layout
+from _fixtures_layouts import (
+    PNG_KINDS, centre_square, expected_grey_uint8, structured_array, write_csv_layout, write_png,
+)
 from _real_metadata import real_metadata_dir  # noqa: F401
+from cxrtune.data.cache import build_cache
 from cxrtune.data.index import patient_split
 from cxrtune.data.sources.base import make_source
 from cxrtune.data.sources.csv import CHEXPERT_LABELS, CsvSource
@@ -113,6 +117,78 @@ def test_bad_input_gets_specific_errors(tmp_path):
         CsvSource(layout["root"], uncertain_as="maybe")
     with pytest.raises(DataError, match="patient_pattern = '\\(' is not a valid regular expression"):
         CsvSource(layout["root"], patient_pattern="(")
+
+
+def _write_labelled_csv(root, plan):
+    """``root/labels.csv`` (path, labels, patient_id, split) and a 16 x 20 PNG per row under
+    ``root/scans/``; ``plan`` is [(labels cell, n train, n val)]. Returns {labels cell: [ids]}."""
+    root.mkdir(parents=True, exist_ok=True)
+    ids: dict[str, list[str]] = collections.defaultdict(list)
+    with open(root / "labels.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "labels", "patient_id", "split"])
+        i = 0
+        for cell, n_train, n_val in plan:
+            for split in ["train"] * n_train + ["val"] * n_val:
+                rel = f"scans/img{i:03d}.png"
+                write_png(root / rel, PNG_KINDS[i % len(PNG_KINDS)], 16, 20, seed=i)
+                writer.writerow([rel, cell, f"P{i:03d}", split])
+                ids[cell].append(rel)
+                i += 1
+    return ids
+
+
+def test_nan_empty_and_no_finding_labels_are_negatives_of_every_task_never_tasks(tmp_path):
+    plan = [("Hernia", 3, 2), ("Mass", 3, 2), ("NaN", 3, 2), ("", 3, 2), ("No Finding", 3, 2), ("nan", 2, 1)]
+    ids = _write_labelled_csv(tmp_path / "archive", plan)
+    source = CsvSource(tmp_path / "archive")
+    cache = build_cache(source, size=16, workers=1, progress=False)
+    assert len(cache) == 28  # no-finding images are cached like any other
+
+    pool = source.task_pool(cache.index, min_train=2, min_val=1)
+    assert pool.diseases == ["Hernia", "Mass"]
+    no_finding = {i for cell in ("NaN", "", "No Finding", "nan") for i in ids[cell]}
+    split = dict(zip(cache.index["image_id"], cache.index["split"]))
+    for task in pool.tasks.values():
+        assert {i for i in no_finding if split[i] == "train"} <= set(task.train_neg)
+        assert {i for i in no_finding if split[i] == "val"} <= set(task.test_neg)
+        assert not no_finding & set(task.train_pos + task.test_pos)
+
+    # The words are the source option no_finding: without "NaN" it is a label like any other.
+    own = CsvSource(tmp_path / "archive", no_finding=["No Finding", ""])
+    assert own.task_pool(cache.index, min_train=2, min_val=1).diseases == ["Hernia", "Mass", "NaN", "nan"]
+    assert own.describe() == source.describe()  # a task-pool setting: the cache key is unchanged
+    with pytest.raises(DataError, match=r"csv: no_finding = 5 is not valid: use a list of labels"):
+        CsvSource(tmp_path / "archive", no_finding=5)
+
+
+def test_symlink_loops_are_skipped_and_listed_like_unreadable_images(tmp_path):
+    layout = write_csv_layout(tmp_path / "archive", n_images=4)
+    root = layout["root"]
+    os.symlink(root, root / "loop")                       # root/loop -> root
+    os.symlink(root / "b.png", root / "a.png")            # a.png -> b.png -> a.png
+    os.symlink(root / "a.png", root / "b.png")
+    os.symlink(root / "d2", root / "d1")                  # d1 -> d2 -> d1 (folders)
+    os.symlink(root / "d1", root / "d2")
+    write_png(root / "top.png", "grey8", 48, 64, seed=9)  # the root folder itself gets scanned
+    with open(layout["csv"], "a", newline="") as fh:
+        csv.writer(fh).writerows([["a.png", "A", "P7"], ["d1/x.png", "C", "P8"], ["top.png", "A", "P9"],
+                                  ["loop/loop/scans/s0/img0.png", "A", "P0"]])
+
+    index = CsvSource(root).build_index()
+    assert len(index) == 8
+    cache = build_cache(CsvSource(root), size=16, workers=1, progress=False)
+    skipped = {s["image_id"]: s for s in cache.report["skipped"]}
+    assert sorted(skipped) == ["a.png", "d1/x.png"]
+    for entry in skipped.values():
+        assert entry["kind"] == "unreadable" and "symbolic link loop" in entry["reason"]
+    assert str(root / "a.png") in skipped["a.png"]["reason"]
+    assert len(cache) == 6 and "loop/loop/scans/s0/img0.png" in set(cache.index["image_id"])
+
+    with pytest.raises(DataError, match=r"csv: root .*d1 is a symbolic link loop"):
+        CsvSource(root / "d1")
+    with pytest.raises(DataError, match=r"csv: image_root .*d2 is a symbolic link loop"):
+        CsvSource(root, image_root=str(root / "d2")).build_index()
 
 
 def test_one_hot_columns_on_a_small_listing(tmp_path):

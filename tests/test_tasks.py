@@ -42,7 +42,7 @@ def test_pool_keeps_diseases_by_minimum_counts_and_forced_include():
     assert not set(pool.tasks["hernia"].train_neg) & set(pool.tasks["hernia"].train_pos)
 
 
-def test_multi_label_and_unlabelled_rows_and_other_views_never_enter_a_task():
+def test_multi_label_rows_and_other_views_never_enter_a_task_and_unlabelled_rows_are_negatives():
     extra = [
         {"image_id": "multi.png", "patient_id": "m", "labels": ["hernia", "mass"], "view": "PA", "split": "train", "path": ""},
         {"image_id": "blank.png", "patient_id": "b", "labels": [""], "view": "PA", "split": "train", "path": ""},
@@ -50,7 +50,54 @@ def test_multi_label_and_unlabelled_rows_and_other_views_never_enter_a_task():
     ]
     pool = build_task_pool(make_index(COUNTS, extra), views=("PA", "AP"), exclude={"normal"})
     every_id = {i for t in pool.tasks.values() for i in t.train_pos + t.train_neg + t.test_pos + t.test_neg}
-    assert not every_id & {"multi.png", "blank.png", "lat.png"}
+    assert not every_id & {"multi.png", "lat.png"}
+    # an empty label means "no finding": a negative of every task, never a positive
+    assert all("blank.png" in t.train_neg and "blank.png" not in t.train_pos for t in pool.tasks.values())
+    # ... unless "" is left out of no_finding: then an unlabelled image is in no task at all
+    strict = build_task_pool(make_index(COUNTS, extra), views=("PA", "AP"), exclude={"normal"}, no_finding=["normal"])
+    assert not any("blank.png" in t.train_neg for t in strict.tasks.values())
+
+
+NO_FINDING_ROWS = [
+    {"image_id": f"{word or 'empty'}-{split}-{i}.png", "patient_id": f"{word}-{split}-{i}", "labels": labels,
+     "view": "PA", "split": split, "path": ""}
+    for word, labels in (("No Finding", ["No Finding"]), ("NaN", ["NaN"]), ("nan", ["nan"]), ("", []),
+                         ("Normal", ["Normal"]))
+    for split, n in (("train", 20), ("val", 8)) for i in range(n)
+]
+
+
+def test_no_finding_labels_are_never_tasks_and_are_negatives_of_every_task():
+    index = make_index({"hernia": (30, 8), "mass": (16, 6)}, NO_FINDING_ROWS)
+    pool = build_task_pool(index)  # 20/8 images each: enough for a task, were they labels
+    assert sorted(pool.diseases) == ["hernia", "mass"]
+    no_finding = {r["image_id"] for r in NO_FINDING_ROWS}
+    for task in pool.tasks.values():
+        assert {i for i in no_finding if "-train-" in i} <= set(task.train_neg)
+        assert {i for i in no_finding if "-val-" in i} <= set(task.test_neg)
+        assert not no_finding & set(task.train_pos + task.test_pos)
+    # the list is configurable: without "NaN", it is a label like any other
+    assert "NaN" in build_task_pool(index, no_finding=["No Finding", ""]).diseases
+    # a finding next to a no-finding word is that finding
+    mixed = {"image_id": "mixed.png", "patient_id": "mixed", "labels": ["No Finding", "hernia"], "view": "PA",
+             "split": "train", "path": ""}
+    assert "mixed.png" in build_task_pool(make_index(COUNTS, [mixed]), exclude={"normal"}).tasks["hernia"].train_pos
+
+
+def test_asking_for_a_no_finding_label_or_bad_numbers_is_a_clear_error():
+    index = make_index({"hernia": (30, 8)}, NO_FINDING_ROWS)
+    with pytest.raises(TaskError, match="diseases names 'No Finding', a no-finding label .*never a task"):
+        build_task_pool(index, diseases=["No Finding"])
+    with pytest.raises(TaskError, match="force_include names 'NaN', a no-finding label"):
+        build_task_pool(index, force_include=["NaN"])
+    only_normal = make_index({}, NO_FINDING_ROWS)
+    with pytest.raises(TaskError, match="exactly one label other than the no-finding labels"):
+        build_task_pool(only_normal)
+    for name, value, valid in (("min_train", 0, "an integer >= 1"), ("min_val", "6", "an integer >= 1"),
+                               ("max_train_neg", -5, r"an integer >= 1 or None \(no cap\)"),
+                               ("seed", -1, "an integer >= 0")):
+        with pytest.raises(TaskError, match=rf"task pool option {name} = {value!r} is not valid: use {valid}"):
+            build_task_pool(index, **{name: value})
 
 
 def test_negative_caps_are_seeded_and_respected():

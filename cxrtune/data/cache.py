@@ -9,7 +9,8 @@ Layout, beside the Parquet index of the cached rows::
     <cache_root>/<source name>/<fingerprint>-s<size>-<fit>/
         index.parquet   the cached rows in cache order, column ``cache_row`` (0 .. N-1)
         images.u8       raw uint8, N x S x S, C order (row i is ``cache_row`` i)
-        cache.json      what was built from what, what was skipped and why
+        cache.json      what was built from what, what was skipped and why, and which cached
+                        images look wrong (``flagged``: every pixel equal, e.g. a 1 x 1 or blank file)
 
 The key holds the source's content fingerprint (index, options, each file's size and mtime), so a
 changed source builds a new cache instead of reusing a stale one.
@@ -40,6 +41,7 @@ import shutil
 import threading
 import time
 import uuid
+import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -53,6 +55,7 @@ from cxrtune.config import Config, param
 from cxrtune.data.imageio import FITS
 from cxrtune.data.index import read_index, validate_index, write_index
 from cxrtune.data.sources.base import Source
+from cxrtune.data.sources.files import link_loop
 from cxrtune.errors import DataError
 
 try:  # advisory locks tell a live build's partial folder from an abandoned one
@@ -81,6 +84,11 @@ MAX_CHUNK_ROWS = 64
 #: ~0.7 CPU s (imports; 1-2 s of wall time on a busy machine), as much as decoding ~50 images
 #: (bench/cache_build.py: 64 images build 2.2-2.5x faster end to end on one worker than on two).
 SMALL_BUILD_ROWS = 256
+
+
+class FlatImageWarning(UserWarning):
+    """Cached images whose pixels are all equal (a 1 x 1, blank or constant file): they are kept
+    in the cache, flat black, and listed under ``flagged`` in ``cache.json``."""
 
 
 def cache_root() -> Path:
@@ -349,9 +357,11 @@ def _build_new(
         with open(images_path, "wb") as f:
             f.truncate(len(todo) * size * size)
         shape = (len(todo), size, size)
-        failures, used_workers, timing = _decode_all(source, todo, images_path, shape, config, workers, progress)
+        failures, flat, used_workers, timing = _decode_all(source, todo, images_path, shape, config, workers,
+                                                           progress)
         kept = np.array([p for p in range(len(todo)) if p not in failures], dtype=np.int64)
         skipped += [_skip_entry(todo.iloc[p], reason) for p, reason in sorted(failures.items())]
+        flagged = [_flag_entry(source, todo.iloc[p], value) for p, value in sorted(flat.items())]
         if len(kept) == 0:
             examples = "; ".join(s["reason"] for s in skipped[:3])
             raise DataError(
@@ -367,7 +377,7 @@ def _build_new(
         source.write_extras(partial, cached, size, config.fit)
         _fsync_file(images_path)
         timing["build_seconds"] = round(time.perf_counter() - started, 3)
-        report = _build_report(meta, len(index), len(cached), skipped, used_workers, timing)
+        report = _build_report(meta, len(index), len(cached), skipped, used_workers, timing, flagged)
         _write_json_durably(partial / REPORT_FILE, report)
         published = _publish(partial, final, replace)
     except BaseException:
@@ -378,11 +388,27 @@ def _build_new(
     if not published:
         log.info("another process finished %s first; using its cache", final)
         return _checked_reuse(final, config)
+    if flagged:
+        message = flagged_message(flagged, final / REPORT_FILE)
+        log.warning("%s", message)
+        warnings.warn(message, FlatImageWarning, stacklevel=3)
     return ImageCache.open(final)
 
 
+def flagged_message(flagged: list[dict[str, str]], report_path: Path | str) -> str:
+    """One sentence on the flagged images of a cache, with the first few named."""
+    examples = "; ".join(f"{f['path'] or f['image_id']} ({f['reason']})" for f in flagged[:3])
+    more = f" and {len(flagged) - 3} more" if len(flagged) > 3 else ""
+    return (
+        f"{len(flagged)} cached image(s) have every pixel equal, so they are cached flat black and "
+        f"carry nothing to learn from: {examples}{more}; they are kept, and listed under flagged in "
+        f"{report_path}; check or remove those files"
+    )
+
+
 def _build_report(meta: dict[str, Any], n_listed: int, n_cached: int, skipped: list[dict[str, str]],
-                  workers: int, timing: dict[str, float]) -> dict[str, Any]:
+                  workers: int, timing: dict[str, float],
+                  flagged: list[dict[str, str]] | None = None) -> dict[str, Any]:
     """The content of ``cache.json``; its presence in the final folder marks a complete cache."""
     size = meta["size"]
     return {
@@ -399,8 +425,10 @@ def _build_report(meta: dict[str, Any], n_listed: int, n_cached: int, skipped: l
             "skipped": len(skipped),
             "missing": sum(s["kind"] == "missing" for s in skipped),
             "unreadable": sum(s["kind"] == "unreadable" for s in skipped),
+            "flagged": len(flagged or ()),
         },
         "skipped": skipped,
+        "flagged": list(flagged or ()),
         "workers": workers,
         **timing,
     }
@@ -410,11 +438,31 @@ def _skip_entry(row: pd.Series, reason: str, kind: str = "unreadable") -> dict[s
     return {"image_id": str(row["image_id"]), "path": str(row["path"]), "kind": kind, "reason": reason}
 
 
+def _flag_entry(source: Source, row: pd.Series, value: int) -> dict[str, str]:
+    """``flagged`` entry of an image cached with every pixel equal to ``value``."""
+    reason = f"every pixel of the cached image is {value}"
+    if source.file_based and row["path"]:
+        try:
+            from PIL import Image
+
+            with Image.open(row["path"]) as im:
+                width, height = im.size
+            reason = f"the file is {width} x {height} px and " + (
+                "holds one pixel" if width * height == 1 else "every pixel has the same value")
+        except Exception:  # the header read is only for the message
+            pass
+    return {"image_id": str(row["image_id"]), "path": str(row["path"]), "kind": "flat", "reason": reason}
+
+
 def _drop_missing(source: Source, index: pd.DataFrame, allow_missing: bool) -> tuple[pd.DataFrame, list]:
     """Check every listed file exists before decoding anything (fails fast, in seconds)."""
     if not source.file_based:
         return index, []
     present = index["path"].map(os.path.isfile).to_numpy(dtype=bool)
+    if present.all():
+        return index, []
+    # A symbolic link loop is there, just unreadable: decoding fails and lists it as unreadable.
+    present = np.array([ok or link_loop(p) for ok, p in zip(present, index["path"])], dtype=bool)
     if present.all():
         return index, []
     missing = index.loc[~present]
@@ -436,10 +484,28 @@ def _check_free_space(folder: Path, needed: int) -> None:
     # A memmap write past the free space kills the writer with SIGBUS: refuse up front instead.
     free = shutil.disk_usage(folder).free
     if needed > free:
+        need_text, free_text = format_bytes(needed), format_bytes(free)
+        if need_text == free_text:  # e.g. 1.0 MB and 1.0 MB: the exact counts show the gap
+            need_text, free_text = f"{needed:,} bytes", f"{free:,} bytes"
         raise DataError(
-            f"the image cache needs {needed / 1e9:.2f} GB in {folder} but only {free / 1e9:.2f} GB are "
-            "free; free some space or point CXRTUNE_CACHE (or cache_dir) at a larger disk"
+            f"the image cache needs {need_text} in {folder} but only {free_text} "
+            f"{'is' if free == 1 else 'are'} free; free some space or point CXRTUNE_CACHE (or cache_dir) "
+            "at a larger disk"
         )
+
+
+def format_bytes(n: int) -> str:
+    """A byte count in the unit that shows it: ``0 bytes``, ``512 bytes``, ``410 KB``, ``3.2 MB``,
+    ``12 GB`` (decimal units; one decimal below 10)."""
+    n = int(n)
+    if abs(n) < 1000:
+        return f"{n} byte{'' if n == 1 else 's'}"
+    value = float(n)
+    for unit in ("KB", "MB", "GB", "TB", "PB"):
+        value /= 1000
+        if abs(value) < 999.5 or unit == "PB":
+            return f"{value:.1f} {unit}" if abs(value) < 9.95 else f"{value:.0f} {unit}"
+    raise AssertionError("unreachable")
 
 
 # -- decoding ---------------------------------------------------------------------------------
@@ -450,8 +516,9 @@ def _chunks(n: int, workers: int) -> list[tuple[int, int]]:
     return [(start, min(n, start + step)) for start in range(0, n, step)]
 
 
-#: What decoding one chunk returns: (row position, reason) failures and (pid, start, end, CPU s).
-ChunkResult = tuple[list[tuple[int, str]], tuple[int, float, float, float]]
+#: What decoding one chunk returns: (row position, reason) failures, (row position, pixel value)
+#: of the images whose pixels are all equal, and (pid, start, end, CPU s).
+ChunkResult = tuple[list[tuple[int, str]], list[tuple[int, int]], tuple[int, float, float, float]]
 
 
 def _decode_all(
@@ -462,10 +529,11 @@ def _decode_all(
     config: CacheConfig,
     workers: int,
     progress: bool,
-) -> tuple[dict[int, str], int, dict[str, float]]:
+) -> tuple[dict[int, str], dict[int, int], int, dict[str, float]]:
     """Decode every row into ``images_path``.
 
-    Returns {row position: reason} for the failures, the worker count used, and timings:
+    Returns {row position: reason} for the failures, {row position: pixel value} for the images
+    decoded with every pixel equal, the worker count used, and timings:
     ``startup_seconds`` (until the first image was being decoded: worker start-up),
     ``decode_seconds`` (the whole phase), ``steady_images_per_second`` (the sum over workers of
     each one's rows over its first-start-to-last-end time: the rate a long build converges to)
@@ -474,6 +542,7 @@ def _decode_all(
     chunks = _chunks(len(rows), workers)
     workers = min(workers, len(chunks))
     failures: dict[int, str] = {}
+    flat: dict[int, int] = {}
     spans: list[tuple[int, int, float, float, float]] = []  # pid, rows, start, end, CPU s
     phase_start = time.time()  # wall clock: comparable across the worker processes
     decoded = (_decode_serial(source, rows, chunks, images_path, shape, config) if workers == 1
@@ -481,8 +550,9 @@ def _decode_all(
     try:
         with tqdm(total=len(rows), unit="img", desc=f"cache {source.name} {config.size}px",
                   disable=(not progress) or None, dynamic_ncols=True) as bar:
-            for (chunk_failures, (pid, start, end, cpu)), n_rows in decoded:
+            for (chunk_failures, chunk_flat, (pid, start, end, cpu)), n_rows in decoded:
                 spans.append((pid, n_rows, start, end, cpu))
+                flat.update(chunk_flat)
                 for position, reason in chunk_failures:
                     if config.strict:
                         raise DataError(
@@ -494,7 +564,7 @@ def _decode_all(
                 bar.update(n_rows)
     finally:
         decoded.close()  # on any error: stop the workers now, before the partial folder is removed
-    return failures, workers, _timing(spans, phase_start, time.time())
+    return failures, flat, workers, _timing(spans, phase_start, time.time())
 
 
 def _decode_serial(
@@ -545,14 +615,15 @@ def _timed_decode(
     source: Source, rows: pd.DataFrame, first: int, images: np.ndarray, config: CacheConfig
 ) -> ChunkResult:
     start, cpu = time.time(), time.process_time()
-    failures = _decode_chunk(source, rows, first, images, config)
-    return failures, (os.getpid(), start, time.time(), time.process_time() - cpu)
+    failures, flat = _decode_chunk(source, rows, first, images, config)
+    return failures, flat, (os.getpid(), start, time.time(), time.process_time() - cpu)
 
 
 def _decode_chunk(
     source: Source, rows: pd.DataFrame, first: int, images: np.ndarray, config: CacheConfig
-) -> list[tuple[int, str]]:
-    """Decode ``rows`` into ``images[first:first+len(rows)]``; return (position, reason) failures."""
+) -> tuple[list[tuple[int, str]], list[tuple[int, int]]]:
+    """Decode ``rows`` into ``images[first:first+len(rows)]``; return the (position, reason)
+    failures and the (position, value) of images whose pixels are all equal."""
     results = source.read_images(rows, config.size, config.fit)
     if len(results) != len(rows):
         raise DataError(
@@ -560,6 +631,7 @@ def _decode_chunk(
             "it must return one array or DataError per row"
         )
     failures = []
+    flat = []
     expected = (config.size, config.size)
     for offset, result in enumerate(results):
         position = first + offset
@@ -574,7 +646,10 @@ def _decode_chunk(
                 f"expected a uint8 array of shape {expected} or a DataError"
             )
         images[position] = result
-    return failures
+        low = int(result.min())
+        if low == int(result.max()):
+            flat.append((position, low))
+    return failures, flat
 
 
 def _check_picklable(source: Source) -> None:
@@ -811,18 +886,27 @@ def cache_summary(cache: ImageCache | str | Path) -> str:
         f"built    {report.get('created', '?')} in {report.get('build_seconds', '?')} s "
         f"with {report.get('workers', '?')} worker(s)",
     ]
+    flagged = report.get("flagged", [])
+    if flagged:
+        first = flagged[0]
+        lines.append(
+            f"flagged  {len(flagged):,} image(s) with every pixel equal, cached flat black (listed in "
+            f"{REPORT_FILE}), e.g. {first['path'] or first['image_id']}: {first['reason']}"
+        )
     return "\n".join(lines)
 
 
 __all__ = [
     "CacheConfig",
     "FORMAT_VERSION",
+    "FlatImageWarning",
     "ImageCache",
     "build_cache",
     "cache_key",
     "cache_root",
     "cache_summary",
     "find_caches",
+    "format_bytes",
     "get_cache",
     "remove_abandoned",
 ]

@@ -13,6 +13,7 @@ resizes without keeping the aspect ratio.
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,13 @@ def decode_raw(path: str | Path) -> np.ndarray:
                 arr = np.asarray(im.convert("RGB"))
     except FileNotFoundError:
         raise DataError(f"image file {path} does not exist") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise DataError(
+                f"image file {path} is a symbolic link loop (following it leads back to itself); "
+                "fix or remove the link"
+            ) from None
+        raise DataError(f"image file {path} could not be decoded ({type(exc).__name__}: {exc})") from exc
     except Exception as exc:  # PIL raises many types for corrupt or truncated files
         raise DataError(f"image file {path} could not be decoded ({type(exc).__name__}: {exc})") from exc
     if arr.size == 0:

@@ -3,13 +3,18 @@
 The protocol is the study's (seed-facts), written for any indexed source:
 
 1. keep the requested projections (PA/AP by default for PadChest) and single-label images;
-2. candidate diseases are the labels not in the exclusion list;
+   labels in ``no_finding`` (:data:`DEFAULT_NO_FINDING`: "No Finding", "Normal", "normal",
+   "NaN", "nan" and the empty label) do not count as labels: an image carrying only those (or,
+   while "" is in ``no_finding``, no label at all) is a *no-finding* image;
+2. candidate diseases are the labels not in the exclusion list (no-finding images are never a
+   task, whatever the exclusion list says);
 3. splits are patient-disjoint (the index guarantees it); few-shot training draws from ``train``,
    testing from the evaluation split (``val``);
 4. keep a disease with at least ``min_train`` training and ``min_val`` evaluation positives, or
    any disease in ``force_include`` (which still needs one positive on each side);
 5. negatives of a disease: single-label images of any *other* label (excluded labels such as
-   "normal" included), capped at ``max_train_neg`` / ``max_val_neg`` by a seeded draw.
+   "normal" included) and every no-finding image, capped at ``max_train_neg`` /
+   ``max_val_neg`` by a seeded draw.
 
 An *episode* is one (disease, shots n, trial t): n positives and n negatives drawn from the
 training pool with ``numpy.random.default_rng(42 + t)`` (n capped at the pool size with a
@@ -33,6 +38,12 @@ from cxrtune.errors import TaskError
 DEFAULT_SHOTS = (1, 5, 10, 20, 50)
 DEFAULT_TRIALS = 10
 DEFAULT_SEED_BASE = 42
+#: Labels that mean "no finding" (a negative for every task, never a task itself); "" stands for
+#: an empty label, and for an image without any label. Sources pass their own list through
+#: their ``no_finding`` option (see :mod:`cxrtune.data.sources.base`).
+DEFAULT_NO_FINDING = ("No Finding", "Normal", "normal", "NaN", "nan", "")
+#: The ``label`` value :func:`single_label_rows` gives no-finding images (never a label name).
+NO_FINDING_ROW = ""
 EPISODE_COLUMNS = (
     "disease", "shots", "n", "trial", "seed", "train_ids", "train_labels", "test_ids", "test_labels",
 )
@@ -85,15 +96,41 @@ def _sorted_sample(ids: Sequence[str], cap: int | None, seed: int) -> list[str]:
     return [ids[i] for i in sorted(keep)]
 
 
-def single_label_rows(index: pd.DataFrame, views: Iterable[str] | None = None) -> pd.DataFrame:
-    """Rows with exactly one non-empty label (and one of ``views`` when given)."""
+def single_label_rows(index: pd.DataFrame, views: Iterable[str] | None = None,
+                      no_finding: Iterable[str] = ()) -> pd.DataFrame:
+    """Rows with exactly one label (and one of ``views`` when given), plus no-finding rows.
+
+    Labels in ``no_finding`` and empty labels are dropped from each row first; a row left with
+    one label gets it in column ``label``; a row left with none is a no-finding row (``label``
+    is :data:`NO_FINDING_ROW`, column ``no_finding`` True) when it carried a no-finding word,
+    or when it carried nothing at all and ``""`` is in ``no_finding``; other rows are dropped.
+    """
     df = index
     if views is not None:
         views = set(views)
         df = df[df["view"].isin(views)]
-    one = df["labels"].map(lambda v: len(v) == 1 and str(v[0]).strip() != "")
-    df = df[one].copy()
-    df["label"] = df["labels"].map(lambda v: str(v[0]).strip())
+    words = {str(x).strip() for x in no_finding}
+    empty_is_no_finding = "" in words
+    words.discard("")
+    decided: dict[tuple[str, ...], str | None] = {}  # labels -> label, NO_FINDING_ROW or None (drop)
+    for labels in map(tuple, df["labels"]):
+        if labels in decided:
+            continue
+        stripped = [str(x).strip() for x in labels]
+        found = list(dict.fromkeys(x for x in stripped if x and x not in words))
+        if len(found) == 1:
+            decided[labels] = found[0]
+        elif found:
+            decided[labels] = None  # multi-label
+        elif any(x in words for x in stripped) or empty_is_no_finding:
+            decided[labels] = NO_FINDING_ROW
+        else:
+            decided[labels] = None
+    label = df["labels"].map(lambda v: decided[tuple(v)])
+    keep = label.notna().to_numpy()
+    df = df[keep].copy()
+    df["label"] = label[keep].astype(str)
+    df["no_finding"] = (df["label"] == NO_FINDING_ROW).to_numpy()
     return df
 
 
@@ -110,26 +147,42 @@ def build_task_pool(
     max_val_neg: int | None = 2000,
     eval_splits: Iterable[str] = ("val",),
     seed: int = 0,
+    no_finding: Iterable[str] = DEFAULT_NO_FINDING,
 ) -> TaskPool:
     """Build the binary tasks of an index by the protocol in the module docstring.
 
     ``diseases`` restricts the tasks to the named labels (each must exist and pass the minimum
     counts, unless forced); otherwise every non-excluded label that passes becomes a task.
+    ``no_finding`` lists the labels that mean "no finding" ("" for an image without a label).
     """
+    _check_pool_numbers(min_train=min_train, min_val=min_val, max_train_neg=max_train_neg,
+                        max_val_neg=max_val_neg, seed=seed)
+    if isinstance(no_finding, str):
+        no_finding = (no_finding,)
+    no_finding = tuple(str(x).strip() for x in no_finding)
     eval_splits = tuple(eval_splits)
     exclude = {str(x).strip() for x in exclude}
     force = {str(x).strip() for x in force_include}
-    rows = single_label_rows(index, views)
-    if rows.empty:
+    rows = single_label_rows(index, views, no_finding)
+    if not (~rows["no_finding"]).any():
         raise TaskError(
             "no single-label images" + (f" with view in {sorted(set(views))}" if views is not None else "")
             + " in the index: few-shot tasks need images with exactly one label"
+            + (f" other than the no-finding labels {list(no_finding)}" if len(rows) else "")
         )
     train = rows[rows["split"] == "train"]
     evaluation = rows[rows["split"].isin(eval_splits)]
-    n_train = train["label"].value_counts()
-    n_val = evaluation["label"].value_counts()
-    vocabulary = sorted(set(rows["label"]))
+    n_train = train.loc[~train["no_finding"], "label"].value_counts()
+    n_val = evaluation.loc[~evaluation["no_finding"], "label"].value_counts()
+    vocabulary = sorted(set(rows.loc[~rows["no_finding"], "label"]))
+    words = set(no_finding)
+    for what, names in (("diseases", diseases or ()), ("force_include", force)):
+        said = sorted({str(d).strip() for d in names} & words)
+        if said:
+            raise TaskError(
+                f"{what} names {said[0]!r}, a no-finding label (no_finding = {list(no_finding)}): its "
+                "images are negatives for every task, never a task; drop it from no_finding to make it one"
+            )
 
     if diseases is not None:
         requested = [str(d).strip() for d in diseases]
@@ -179,6 +232,17 @@ def build_task_pool(
         )
     patient_of = dict(zip(rows["image_id"], rows["patient_id"]))
     return TaskPool(tasks=tasks, patient_of=patient_of)
+
+
+def _check_pool_numbers(**values) -> None:
+    for name, value in values.items():
+        nullable = name.startswith("max_")
+        if value is None and nullable:
+            continue
+        low = 0 if name == "seed" else 1
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            valid = f"an integer >= {low}" + (" or None (no cap)" if nullable else "")
+            raise TaskError(f"task pool option {name} = {value!r} is not valid: use {valid}")
 
 
 def sample_episodes(

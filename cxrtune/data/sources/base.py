@@ -8,13 +8,24 @@ A source turns something on disk (or a renderer, for ``phantom``) into
    images are their positives and negatives, by split.
 
 Adding a source is subclassing :class:`Source` and decorating it with :func:`register_source`.
+
+Options every source takes, parsed here rather than by each source:
+
+- ``no_finding``: the labels that mean "no finding" (a negative for every task, never a task);
+  ``""`` stands for an empty label and for an image without any label. Default
+  :attr:`Source.no_finding_default` (:data:`cxrtune.data.tasks.DEFAULT_NO_FINDING` unless a source
+  says otherwise), e.g. ``make_source("csv", root, no_finding=["No Finding", ""])`` or
+  ``-o 'no_finding=["No Finding", ""]'`` on the command line. It shapes the task pool only, so it
+  is not part of the cache key.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import inspect
 import os
-from abc import ABC, abstractmethod
+from abc import ABCMeta, abstractmethod
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
@@ -60,16 +71,64 @@ def _load_builtin_sources() -> None:
                 raise
 
 
-class Source(ABC):
+def _default_no_finding() -> tuple[str, ...]:
+    from cxrtune.data.tasks import DEFAULT_NO_FINDING
+
+    return DEFAULT_NO_FINDING
+
+
+def no_finding_labels(value: Any, source: str) -> tuple[str, ...]:
+    """The ``no_finding`` option as a tuple of stripped labels (a single string is one label)."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple, set, frozenset)) or not all(isinstance(x, str) for x in value):
+        raise DataError(
+            f"{source}: no_finding = {value!r} is not valid: use a list of labels, e.g. "
+            '["No Finding", "Normal", ""] ("" means an empty label or no label at all)'
+        )
+    return tuple(dict.fromkeys(x.strip() for x in value))
+
+
+class _SourceMeta(ABCMeta):
+    """Takes the options every source shares (``no_finding``) out of the keyword arguments
+    before the source's own ``__init__`` validates the rest, so that no source declares them."""
+
+    def __call__(cls, *args: Any, **options: Any):
+        no_finding = options.pop("no_finding", None)
+        source = super().__call__(*args, **options)
+        if no_finding is not None:
+            source.no_finding = no_finding_labels(no_finding, cls.name)
+        return source
+
+
+class Source(metaclass=_SourceMeta):
     """A chest X-ray archive (or generator) that can be indexed and cached."""
 
     name: ClassVar[str] = ""
     #: True when pixels come from files listed in ``path`` (decoded by :meth:`read_images`).
     file_based: ClassVar[bool] = True
+    #: The ``no_finding`` labels of a source built without that option (None: the tasks module's
+    #: :data:`~cxrtune.data.tasks.DEFAULT_NO_FINDING`).
+    no_finding_default: ClassVar[tuple[str, ...] | None] = None
+    #: Keyword arguments :meth:`task_pool` takes beyond :func:`~cxrtune.data.tasks.build_task_pool`'s.
+    extra_task_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, root: str | Path | None = None, **options: Any) -> None:
-        self.root = Path(root).expanduser().resolve() if root is not None else None
+        self.root = resolve_path(root, f"{self.name}: root") if root is not None else None
         self.options = dict(options)
+
+    @property
+    def no_finding(self) -> tuple[str, ...]:
+        """The labels that mean "no finding" for this source's task pool (option ``no_finding``)."""
+        own = self.__dict__.get("_no_finding")
+        if own is not None:
+            return own
+        default = type(self).no_finding_default
+        return _default_no_finding() if default is None else tuple(default)
+
+    @no_finding.setter
+    def no_finding(self, value: tuple[str, ...]) -> None:
+        self.__dict__["_no_finding"] = tuple(value)
 
     # -- index ------------------------------------------------------------------------------
     @abstractmethod
@@ -121,8 +180,32 @@ class Source(ABC):
     # -- few-shot tasks -----------------------------------------------------------------------
     def task_pool(self, index: pd.DataFrame, **options: Any):
         """The binary few-shot tasks this source defines (see :mod:`cxrtune.data.tasks`)."""
+        return self.build_pool(index, **options)
+
+    @classmethod
+    def task_option_names(cls) -> list[str]:
+        """The keyword arguments :meth:`task_pool` accepts (for checking user-given options)."""
         from cxrtune.data.tasks import build_task_pool
 
+        names = [n for n in inspect.signature(build_task_pool).parameters if n != "index"]
+        return sorted(set(names) | set(cls.extra_task_options))
+
+    def build_pool(self, index: pd.DataFrame, **options: Any):
+        """:func:`~cxrtune.data.tasks.build_task_pool` with this source's ``no_finding`` labels
+        (an explicit ``no_finding`` option wins); unknown options are refused by name."""
+        from cxrtune.data.tasks import build_task_pool
+
+        valid = [n for n in type(self).task_option_names() if n not in type(self).extra_task_options]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise DataError(
+                f"{self.name}: task pool option {unknown[0]!r} is not known: use one of "
+                f"{', '.join(type(self).task_option_names())}"
+            )
+        if "no_finding" in options:
+            options["no_finding"] = no_finding_labels(options["no_finding"], self.name)
+        else:
+            options["no_finding"] = self.no_finding
         return build_task_pool(index, **options)
 
 
@@ -134,6 +217,19 @@ def check_columns(df: pd.DataFrame, required: Sequence[str], what: str) -> None:
             f"{what} lacks the column(s) {missing}; expected a header with {list(required)} "
             f"but found {list(df.columns)}"
         )
+
+
+def resolve_path(path: str | Path, what: str) -> Path:
+    """``Path(path).expanduser().resolve()``, with a symbolic link loop reported as a
+    :class:`DataError` naming ``what`` instead of a RuntimeError traceback."""
+    path = Path(path).expanduser()
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as exc:
+        loop = isinstance(exc, RuntimeError) or getattr(exc, "errno", None) == errno.ELOOP
+        why = ("is a symbolic link loop (following it leads back to itself)" if loop
+               else f"cannot be resolved ({type(exc).__name__}: {exc})")
+        raise DataError(f"{what} {path} {why}; point it at a real folder or file") from None
 
 
 def require_dir(path: Path | None, what: str) -> Path:
@@ -166,7 +262,9 @@ __all__ = [
     "check_columns",
     "make_source",
     "register_source",
+    "no_finding_labels",
     "require_dir",
     "resolve_missing",
+    "resolve_path",
     "source_names",
 ]

@@ -8,7 +8,9 @@ Minimal file (``ROOT/labels.csv``; the header names are configurable)::
 
 - ``path``: the image, absolute or relative to ``image_root`` (default: the root folder, or the
   CSV's folder when ``root`` is the CSV itself);
-- ``labels``: labels joined by ``label_sep`` (``|``); empty means no label;
+- ``labels``: labels joined by ``label_sep`` (``|``); an empty cell, ``NaN`` and ``No Finding``
+  mean "no finding": such images are negatives for every few-shot task, never a task (the
+  ``no_finding`` option every source takes lists those words; see :mod:`cxrtune.data.tasks`);
 - ``patient_id``: splits never cut a patient in two.
 
 Optional columns: ``image_id`` (default: the path as written in the CSV), ``view`` (default
@@ -39,8 +41,8 @@ import pandas as pd
 
 from cxrtune.config import Config, param
 from cxrtune.data.index import SPLITS, patient_split, validate_index
-from cxrtune.data.sources.base import Source, register_source, resolve_missing
-from cxrtune.data.sources.files import check_header, existing_files, plain_options, read_table
+from cxrtune.data.sources.base import Source, register_source, resolve_missing, resolve_path
+from cxrtune.data.sources.files import check_header, existing_files, link_loop, plain_options, read_table
 from cxrtune.errors import DataError
 
 DEFAULT_CSV_NAME = "labels.csv"
@@ -101,12 +103,15 @@ class CsvSource(Source):
         else:
             raise DataError("csv: no CSV given; pass --root FOLDER (holding labels.csv) or csv=PATH")
         if not path.is_file():
+            if link_loop(path):
+                raise DataError(f"csv: the label CSV {path} is a symbolic link loop (following it leads back "
+                                "to itself); point csv= at the real file")
             raise DataError(f"csv: the label CSV {path} does not exist; pass csv=PATH or put {DEFAULT_CSV_NAME} in the root folder")
-        return path.resolve()
+        return resolve_path(path, "csv: the label CSV")
 
     def image_base(self, csv_path: Path) -> Path:
         if self.config.image_root:
-            return Path(self.config.image_root).expanduser().resolve()
+            return resolve_path(self.config.image_root, "csv: image_root")
         if self.root is not None and self.root.is_dir():
             return self.root
         return csv_path.parent

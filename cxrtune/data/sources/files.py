@@ -8,6 +8,7 @@ in the dictionary a scan returns instead of probing the disk row by row.
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -75,11 +76,35 @@ def scan_folders(folders: Iterable[Path], suffixes: Sequence[str] = IMAGE_SUFFIX
             with os.scandir(folder) as entries:
                 for entry in entries:
                     name = entry.name
-                    if name.lower().endswith(suffixes) and name not in found and entry.is_file():
+                    if name.lower().endswith(suffixes) and name not in found and _is_file(entry):
                         found[name] = entry.path
         except (FileNotFoundError, NotADirectoryError):
             continue
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            continue  # a folder that is a symbolic link loop holds nothing
     return found
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    """``entry.is_file()``, except that a symbolic link that cannot be followed because it loops
+    (``a -> b -> a``) counts as a file: it is indexed, and the cache builder then skips it and
+    lists it with the other unreadable images instead of the whole scan failing."""
+    try:
+        return entry.is_file()
+    except OSError as exc:
+        return exc.errno == errno.ELOOP
+
+
+def link_loop(path: str | os.PathLike) -> bool:
+    """Whether ``path`` cannot be reached because of a symbolic link loop (on it or on a folder
+    it goes through)."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno == errno.ELOOP
+    return False
 
 
 def subfolders(root: Path, pattern: str) -> list[Path]:
@@ -99,15 +124,25 @@ def read_list_file(path: Path) -> list[str]:
 
 
 def existing_files(paths: Iterable[str]) -> list[bool]:
-    """Whether each path is an existing file, with one directory scan per parent folder."""
+    """Whether each path is an existing file, with one directory scan per parent folder.
+
+    A path that a symbolic link loop makes unreachable counts as existing (see :func:`_is_file`)."""
     paths = list(paths)
     parents: dict[str, set[str]] = {}
+    looping: set[str] = set()  # folders that are symbolic link loops
     for p in {os.path.dirname(p) for p in paths}:
         names: set[str] = set()
         try:
             with os.scandir(p or ".") as entries:
-                names = {e.name for e in entries if e.is_file()}
+                names = {e.name for e in entries if _is_file(e)}
         except (FileNotFoundError, NotADirectoryError, PermissionError):
             pass
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            looping.add(p)
         parents[p] = names
-    return [os.path.basename(p) in parents[os.path.dirname(p)] for p in paths]
+    # A path through a looping folder "exists" like a looping link does: the cache lists it as
+    # unreadable, with the reason, instead of the index calling it missing.
+    return [os.path.basename(p) in parents[d] or (d in looping and link_loop(p))
+            for p, d in ((p, os.path.dirname(p)) for p in paths)]

@@ -10,7 +10,8 @@ Layout (as distributed by the NIH Clinical Center, and its Kaggle mirror)::
     ROOT/images/...  or the PNGs directly in ROOT               (also accepted)
 
 Labels are the ``Finding Labels`` field split on ``|``; an image without findings keeps the
-label ``No Finding`` (it is a negative for every few-shot task, never a disease itself).
+label ``No Finding`` (it is a negative for every few-shot task, never a disease itself, by the
+``no_finding`` option every source shares; an empty ``Finding Labels`` field means the same).
 
 Splits: with the official lists, images in ``test_list.txt`` are ``test`` and all others
 ``train`` (``val_from_train`` moves the patients whose md5 hash is 0 mod 5 from ``train`` to
@@ -153,9 +154,7 @@ class NihSource(Source):
         return {**TASK_DEFAULTS, "eval_splits": (eval_split,)}
 
     def task_pool(self, index: pd.DataFrame, **overrides: Any):
-        from cxrtune.data.tasks import build_task_pool
-
-        return build_task_pool(index, **{**self.task_options(index), **overrides})
+        return self.build_pool(index, **{**self.task_options(index), **overrides})
 
 
 def _parse_rows(raw: pd.DataFrame, csv_name: str) -> pd.DataFrame:

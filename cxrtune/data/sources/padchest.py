@@ -172,6 +172,11 @@ def check_exclusions(entries: Iterable[tuple[int | None, str]], vocabulary: set[
 @register_source
 class PadchestSource(Source):
     name = "padchest"
+    #: The study's protocol: "normal" is a no-finding label through the exclusion list (so an
+    #: ``exclude`` override can make it a task), and rows without any label are skipped, neither
+    #: positives nor negatives. ``no_finding=["normal", ""]`` applies the generic rule instead.
+    no_finding_default = ()
+    extra_task_options = ("exclusions",)
 
     def __init__(self, root=None, **options: Any) -> None:
         self.config = PadchestOptions.from_dict(plain_options(options))
@@ -266,8 +271,6 @@ class PadchestSource(Source):
         ``exclude=[...]`` replaces the exclusion list (each label is checked against the CSV) and
         ``exclusions=PATH`` reads the replacement from a file.
         """
-        from cxrtune.data.tasks import build_task_pool
-
         if "exclusions" in overrides and "exclude" in overrides:
             raise DataError("padchest: pass either exclude=[labels] or exclusions=PATH, not both")
         options = dict(TASK_DEFAULTS)
@@ -295,7 +298,7 @@ class PadchestSource(Source):
             present = {x for row in index["labels"] for x in row}
             options["force_include"] = tuple(x for x in options["force_include"] if x in present)
         options.update(overrides)
-        return build_task_pool(index, **options)
+        return self.build_pool(index, **options)
 
 
 def _add_extras(df: pd.DataFrame, raw: pd.DataFrame) -> pd.DataFrame:

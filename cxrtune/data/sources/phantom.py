@@ -99,12 +99,10 @@ class PhantomSource(Source):
         del packed
 
     def task_pool(self, index: pd.DataFrame, **options: Any):
-        from cxrtune.data.tasks import build_task_pool
-
         few = index[index["subset"] == "fewshot"] if "subset" in index.columns else index
         opts = {"exclude": (NORMAL,), "min_train": 1, "min_val": 1, "max_train_neg": None, "max_val_neg": None}
         opts.update(options)
-        return build_task_pool(few, **opts)
+        return self.build_pool(few, **opts)
 
 
 def load_masks(cache, rows: np.ndarray | None = None) -> np.ndarray:
