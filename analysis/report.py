@@ -117,7 +117,7 @@ def build_report(name: str, storage: str | Path = "./cxrtune-runs", results: lis
             f"written {created}")
     page = webpage.page(f"Sweep report: {sweep.name}", meta, b.sections)
     out = _write(sweep.folder / "report", page, b)
-    run_id = _log_to_mlflow(sweep.name, out, config) if config.log_to_mlflow else None
+    run_id = _log_to_mlflow(sweep.name, out, config, sweep.folder) if config.log_to_mlflow else None
     return Report(folder=out, html=out / "report.html", tables=b.tables, notes=sweep.notes, mlflow_run=run_id)
 
 
@@ -398,12 +398,16 @@ def _write(final: Path, page: str, b: _Builder) -> Path:
     return final
 
 
-def _log_to_mlflow(name: str, folder: Path, config: ReportConfig) -> str | None:
+def _log_to_mlflow(name: str, folder: Path, config: ReportConfig, sweep_folder: Path | None = None) -> str | None:
     """Log the report as ``report/`` artifacts of the sweep's parent run; None when there is none.
-    A missing SQLite store is not created."""
-    from cxrtune.tracking import ROLE_TAG, SWEEP_TAG, tracking_uri
+    The run is found by the sweep's id (its ``sweep.json``; by name for sweeps made before ids),
+    in the sweep's recorded store unless a tracking URI is given. A missing SQLite store is not
+    created."""
+    from cxrtune.sweepstate import read_identity
+    from cxrtune.tracking import ROLE_TAG, SWEEP_ID_TAG, SWEEP_TAG, tracking_uri
 
-    uri = tracking_uri(config.tracking_uri)
+    identity = read_identity(sweep_folder) if sweep_folder is not None else None
+    uri = tracking_uri(config.tracking_uri or (identity or {}).get("tracking_uri"))
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         return None
     from mlflow.tracking import MlflowClient
@@ -413,7 +417,9 @@ def _log_to_mlflow(name: str, folder: Path, config: ReportConfig) -> str | None:
     if experiment is None:
         return None
     runs = client.search_runs([experiment.experiment_id],
-                              filter_string=f"tags.`{SWEEP_TAG}` = '{name}' and tags.`{ROLE_TAG}` = 'sweep'", max_results=1)
+                              filter_string=(f"tags.`{SWEEP_ID_TAG}` = '{identity['sweep_id']}'" if identity else
+                                             f"tags.`{SWEEP_TAG}` = '{name}'") + f" and tags.`{ROLE_TAG}` = 'sweep'",
+                              max_results=1)
     if not runs:
         return None
     run_id = runs[0].info.run_id

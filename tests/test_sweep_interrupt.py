@@ -1,8 +1,8 @@
 """Ctrl-C at several points of a real `python sweeps/moco_variance.py` run, then `--resume`.
 
 SIGINT goes to the driver's whole process group, as a terminal's Ctrl-C does. Points:
-mid-trial (then resume to the end), during the wrap-up after the last epoch (then resume prints
-the summary and exports), before the first trial (while the cache is built), and between the
+mid-trial (then resume to the end), during the summary (then resume prints the summary and
+exports), before the first trial (while the cache is built), and between the
 trials of the synthetic sweep (no trial running).
 """
 
@@ -88,10 +88,10 @@ def interrupted_sweep(tmp_path_factory):
                        "export": (folder / "export").exists(),
                        "results": {t.name.rsplit("_", 1)[1]: results_of(t)
                                    for t in folder.glob("pretrain_trainable_*")}}
-        # resume, and interrupt it again in its wrap-up: after the last trial's last epoch
-        last_epoch = f"after epoch {EPOCHS}"
+        # resume, and interrupt it again in its summary: the table is printed, the comparison with
+        # random init and the export of the best checkpoint are under way
         code2, second = _interrupt_when(_command(tmp, "--resume"), env, tmp, tmp / "second.txt",
-                                        lambda out: out.count(last_epoch) + out.count("pruned after") >= 2)
+                                        lambda out: "trials:" in out)
         third = subprocess.run(_command(tmp, "--resume"), env=env, cwd=tmp, capture_output=True, text=True,
                                timeout=240)
         yield {"tmp": tmp, "folder": folder, "code": code, "first": first, "after_first": after_first,
@@ -133,8 +133,10 @@ def test_resume_after_ctrl_c_continues_every_trial_from_its_checkpoint(interrupt
     assert "UpdateFinishedTrialError" not in second and "Traceback" not in second, second[-3000:]
 
 
-def test_ctrl_c_in_the_wrap_up_then_resume_prints_the_summary_and_exports(interrupted_sweep):
-    assert interrupted_sweep["code2"] == 130, interrupted_sweep["second"][-3000:]
+def test_ctrl_c_in_the_summary_then_resume_prints_the_summary_and_exports(interrupted_sweep):
+    second = interrupted_sweep["second"]
+    assert interrupted_sweep["code2"] == 130, second[-3000:]
+    assert "Continue the sweep with:" in second and "Traceback" not in second, second[-3000:]
     third = interrupted_sweep["third"]
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     assert "trials:" in third.stdout and "exported the best checkpoint to" in third.stdout

@@ -393,8 +393,7 @@ def _run_open(sweep: PretrainSweep, args: argparse.Namespace, opened) -> int:
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
         print(resume_hint(sweep, args), file=sys.stderr)
         return 130
-    summary = summarise(results, sweep, spec, folder, data)
-    print(summary["text"])
+    summary = summarise(results, sweep, spec, folder, data, emit=lambda text: print(text, flush=True))
     print(f"sweep folder: {folder}; wall time {time.time() - started:.0f} s")
     if summary.get("failed"):
         print(f"error: {summary['failed']}", file=sys.stderr)
@@ -519,7 +518,18 @@ def error_causes(results) -> dict[str, str]:
     return causes
 
 
-def summarise(results, sweep: PretrainSweep, spec, folder: Path, data: SweepData | None = None) -> dict[str, Any]:
+def _write_table(table: pd.DataFrame, path: Path) -> None:
+    """``trials.csv``, replaced whole (a Ctrl-C mid-write leaves the previous one)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    table.to_csv(tmp, index=False)
+    tmp.replace(path)
+
+
+def summarise(results, sweep: PretrainSweep, spec, folder: Path, data: SweepData | None = None,
+              emit=None) -> dict[str, Any]:
+    """The trials table, the best checkpoint against random init, and its export; returns them
+    with the text. ``emit`` (e.g. ``print``) shows the table as soon as it is known, before the
+    comparison and the export run, and the rest after."""
     from cxrtune.export import export_best
 
     table = trials_table(results, sweep)
@@ -537,11 +547,16 @@ def summarise(results, sweep: PretrainSweep, spec, folder: Path, data: SweepData
         summary["failed"] = (f"no trial of sweep {spec.name} completed"
                              + (f" ({len(causes)} errored; first cause: {next(iter(causes.values()))})" if causes else "")
                              + f"; trial folders and logs are in {folder}")
+    _write_table(table, folder / "trials.csv")
     if scored.empty:
         lines.append("no trial reported the objective; nothing to export")
-        table.to_csv(folder / "trials.csv", index=False)
         summary["text"] = "\n".join(lines)
+        if emit is not None:
+            emit(summary["text"])
         return summary
+    shown = len(lines)
+    if emit is not None:
+        emit("\n".join(lines))
     try:
         best = results.get_best_result(metric=sweep.objective, mode="max", scope="all")
         best_ckpt = best.get_best_checkpoint(metric=sweep.objective, mode="max") if best.best_checkpoints else None
@@ -567,6 +582,7 @@ def summarise(results, sweep: PretrainSweep, spec, folder: Path, data: SweepData
         summary["export"] = out
     except CxrtuneError as err:
         lines.append(f"export skipped: {err}")
-    table.to_csv(folder / "trials.csv", index=False)
     summary["text"] = "\n".join(lines)
+    if emit is not None:
+        emit("\n".join(lines[shown:]))
     return summary

@@ -39,6 +39,18 @@ def reset() -> None:
     _cut.clear()
 
 
+def fit_restoring_sigint(tuner):
+    """``tuner.fit()``, then the SIGINT handler the driver had before: Tune leaves its own
+    installed when the sweep ends without a signal, which would swallow a Ctrl-C during the
+    summary and export that follow."""
+    before = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    try:
+        return tuner.fit()
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGINT, before)
+
+
 class InterruptWatch(Callback):
     def setup(self, **info) -> None:
         if threading.current_thread() is not threading.main_thread():

@@ -267,7 +267,7 @@ def _run(spec: SweepSpec, opened: OpenSweep, storage, address, num_cpus, verbose
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             ),
         )
-    results = tuner.fit()
+    results = interrupt.fit_restoring_sigint(tuner)
     # After a Ctrl-C the cut-off trials stay RUNNING in Optuna: the restored searcher tells the
     # study their results when they finish (failing them now makes that resume fail).
     if spec.search == "optuna" and not interrupt.interrupted():
