@@ -45,23 +45,20 @@ class Localisation:
 def best_checkpoint_dir(folder: Path, objective: str | None) -> Path | None:
     """The checkpoint folder of the sweep's best report: the export's source (its metrics.json),
     else the checkpoint folder on disk whose report has the highest ``objective``."""
-    import math
-
-    from cxrtune.export import read_results, trial_dirs
+    from cxrtune.errors import CxrtuneError
+    from cxrtune.export import best_report
 
     metrics = folder / "export" / "metrics.json"
     if metrics.is_file():
         path = Path(json.loads(metrics.read_text()).get("checkpoint", ""))
         if path.is_dir():
             return path
-    best, best_value = None, -math.inf
-    for trial_dir in trial_dirs(folder) if objective else []:
-        for report in read_results(trial_dir):
-            value, name = report.get(objective), report.get("checkpoint_dir_name")
-            if isinstance(value, (int, float)) and math.isfinite(value) and name and (trial_dir / name).is_dir() \
-                    and value > best_value:
-                best, best_value = trial_dir / name, float(value)
-    return best
+    if not objective:
+        return None
+    try:
+        return best_report(folder, objective, "max").checkpoint.parent  # the export's definition
+    except CxrtuneError:
+        return None
 
 
 def initial_results(checkpoint_dir: Path) -> Path:

@@ -557,19 +557,22 @@ def summarise(results, sweep: PretrainSweep, spec, folder: Path, data: SweepData
     shown = len(lines)
     if emit is not None:
         emit("\n".join(lines))
+    # The best checkpoint is the export's: the best report whose checkpoint is still on disk
+    # (Tune's "best result" can name a report whose checkpoint num_to_keep has deleted).
+    from cxrtune.export import best_report
+
     try:
-        best = results.get_best_result(metric=sweep.objective, mode="max", scope="all")
-        best_ckpt = best.get_best_checkpoint(metric=sweep.objective, mode="max") if best.best_checkpoints else None
-    except Exception:
-        best, best_ckpt = None, None
-    if best_ckpt is not None:
-        comparison = paired_difference(Path(best_ckpt.path), sweep.objective)
+        pick = best_report(folder, sweep.objective, "max")
+    except CxrtuneError:
+        pick = None
+    if pick is not None:
+        comparison = paired_difference(pick.checkpoint.parent, sweep.objective)
         if comparison is not None:
             verdict = ("the CI lies above zero: the best trial beats random init on these episodes"
                        if comparison["ci_low"] > 0 else
                        "the CI includes zero (or lies below it): no gain over random init is shown")
             lines.append(
-                f"best trial {best.metrics.get('trial_id', '?')} at epoch {comparison['epoch']}: "
+                f"best trial {pick.trial_id} at epoch {comparison['epoch']}: "
                 f"{sweep.objective} {comparison['best']:.3f} "
                 f"vs random init {comparison['random']:.3f} "
                 f"on the same episodes: difference {comparison['difference']:+.3f}, 95% CI "
