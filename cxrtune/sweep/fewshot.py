@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 
 from cxrtune.errors import CxrtuneError
+from cxrtune.sweep.cli import positive_float, positive_int
 
 #: Per profile: cache side, evaluation input size and crop, shot grid, trials, finetune budget.
 FEWSHOT_PROFILES: dict[str, dict[str, Any]] = {
@@ -59,8 +60,10 @@ def build_parser(sweep: FewshotSweep) -> argparse.ArgumentParser:
     parser.add_argument("--imagenet-weights", action="append", default=[], metavar="ARCH=PATH",
                         help="local torchvision weights per architecture, e.g. resnet18=resnet18-f37072fd.pth")
     parser.add_argument("--evaluators", default=",".join(sweep.evaluators), help="probe, knn and/or finetune")
-    parser.add_argument("--profile", default="default", choices=tuple(FEWSHOT_PROFILES))
-    parser.add_argument("--source", default="phantom", help="data source: phantom (embedded), nih, padchest, csv")
+    # None defaults: --resume takes a left-out value from the sweep's record (see cxrtune.sweep.cli)
+    parser.add_argument("--profile", default=None, choices=tuple(FEWSHOT_PROFILES), help="(default: default)")
+    parser.add_argument("--source", default=None,
+                        help="data source: phantom (embedded, the default), nih, padchest, csv")
     parser.add_argument("--root", default=None, help="folder of the source's files")
     parser.add_argument("--option", "-o", action="append", metavar="KEY=VALUE", help="source option, repeatable")
     parser.add_argument("--name", default=None, help=f"sweep name (default: {sweep.name})")
@@ -68,10 +71,12 @@ def build_parser(sweep: FewshotSweep) -> argparse.ArgumentParser:
     parser.add_argument("--address", default=None, help="an existing Ray cluster ('auto' or host:port)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow URI (default: sqlite:///mlflow.db)")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this name")
-    parser.add_argument("--gpu", type=float, default=None, help="GPU share per trial, e.g. 0.25 packs four per GPU")
-    parser.add_argument("--cpu", type=float, default=1.0, help="CPU share per trial")
-    parser.add_argument("--cpus", type=int, default=None, help="CPUs Ray may use on this machine")
-    parser.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: as resources allow)")
+    parser.add_argument("--gpu", type=positive_float, default=None,
+                        help="GPU share per trial, e.g. 0.25 packs four per GPU")
+    parser.add_argument("--cpu", type=positive_float, default=1.0, help="CPU share per trial")
+    parser.add_argument("--cpus", type=positive_int, default=None, help="CPUs Ray may use on this machine")
+    parser.add_argument("--max-concurrent", type=positive_int, default=None,
+                        help="trials at once (default: as resources allow)")
     parser.add_argument("--verbose", action="store_true",
                         help="show Ray's own progress tables and logs here instead of in <sweep>/ray-console.log")
     return parser
@@ -154,10 +159,16 @@ def run(sweep: FewshotSweep, args: argparse.Namespace) -> int:
     from cxrtune.sweep.runner import open_sweep
 
     name = args.name or sweep.name
-    record = {"profile": args.profile, "source": args.source, "root": args.root,
+    record = {"profile": args.profile, "source": args.source,
+              "root": str(Path(args.root).expanduser().resolve()) if args.root else None,
               "options": sorted(args.option) if args.option else None}
+    if not args.resume:
+        record = {**record, "profile": args.profile or "default", "source": args.source or "phantom"}
     with open_sweep(name, args.storage, resume=args.resume, tracking_uri=args.tracking_uri, record=record,
                     resume_hint=f"(sweep {name} in {args.storage})") as opened:
+        args.profile = opened.record.get("profile") or "default"
+        args.source = opened.record.get("source") or "phantom"
+        args.root, args.option = opened.record.get("root"), opened.record.get("options")
         return _run_open(sweep, args, opened)
 
 
