@@ -97,6 +97,13 @@ def test_smoke_sweep_tracks_every_trial_in_mlflow(smoke_sweep):
         assert child.data.tags["cxrtune.status"] == "completed"
         assert child.data.params["method"] == "moco"
         assert "moco.temperature" in child.data.params and "optim.lr" in child.data.params
+        # a name a person can read: the sweep, the trial and its searched values
+        params = child.data.params
+        words = child.info.run_name.split(" ")
+        assert words[:2] == ["moco_variance", child.data.tags["cxrtune.trial_id"]]
+        assert sorted(words[2:]) == sorted([f"variance_weight={float(params['moco.variance_weight']):.3g}",
+                                            f"temperature={float(params['moco.temperature']):.3g}",
+                                            f"lr={float(params['optim.lr']):.3g}"])
         history = client.get_metric_history(child.info.run_id, "feature_std")
         assert [m.step for m in history] == [1, 2]  # one point per epoch
         # the objective it reports is the one its probe table gives: mean over the findings of

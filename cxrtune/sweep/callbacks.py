@@ -30,8 +30,9 @@ _SKIP = {"trial_id", "experiment_id", "date", "timestamp", "pid", "hostname", "n
 class MlflowSweepCallback(LoggerCallback):
     def __init__(self, sweep_name: str, tracking_uri: str | None = None, experiment: str | None = None,
                  tags: dict[str, str] | None = None, params: dict[str, Any] | None = None,
-                 sweep_id: str | None = None) -> None:
+                 sweep_id: str | None = None, label_keys: tuple[str, ...] = ()) -> None:
         self.sweep_name = sweep_name
+        self.label_keys = tuple(label_keys)
         self.sweep_id = sweep_id
         self.tracking_uri = tracking_uri
         self.experiment = experiment
@@ -67,7 +68,8 @@ class MlflowSweepCallback(LoggerCallback):
         _ = self.tracker
 
     def log_trial_start(self, trial) -> None:
-        run_id = self.tracker.child_run(trial.trial_id, run_name=str(trial),
+        run_id = self.tracker.child_run(trial.trial_id, run_name=run_name(self.sweep_name, trial.trial_id, trial.config,
+                                                                          getattr(self, "label_keys", ())),
                                         tags={k: str(v) for k, v in self.tags.items()})
         self.tracker.log_params(run_id, trial.config)
         self._live.add(trial.trial_id)
@@ -151,6 +153,16 @@ class MlflowSweepCallback(LoggerCallback):
         else:
             self.tracker.set_tags(self.tracker.parent_run_id, {"cxrtune.status": "finished"})
             self.tracker.end_sweep("FINISHED")
+
+
+def run_name(sweep_name: str, trial_id: str, config: dict[str, Any], keys: tuple[str, ...]) -> str:
+    """A child run's name a person can read: the sweep, the trial and its searched values,
+    e.g. ``moco_variance 1a2b3c4d temperature=0.07 lr=0.045``."""
+    def short(value: Any) -> str:
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+    values = [f"{key.rsplit('.', 1)[-1]}={short(config[key])}" for key in keys if key in config]
+    return " ".join([sweep_name, trial_id, *values])[:250]
 
 
 def trial_folders(trial) -> list[Path]:

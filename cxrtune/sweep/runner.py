@@ -91,6 +91,14 @@ def optuna_url(name: str, storage: str | os.PathLike | None = None) -> str:
     return f"sqlite:///{sweep_dir(name, storage) / 'optuna.db'}"
 
 
+def _searched_keys(spec: SweepSpec) -> tuple[str, ...]:
+    """The param-space keys that are searched (Tune domains or grids), for readable run names."""
+    from ray.tune.search.sample import Domain
+
+    return tuple(k for k, v in spec.param_space.items()
+                 if isinstance(v, Domain) or (isinstance(v, dict) and "grid_search" in v))
+
+
 def trial_resources(requested: dict[str, float], require_gpu: bool = False) -> dict[str, float]:
     """Requested fractions. On a cluster without GPUs a GPU share is refused when it was asked for
     explicitly (``require_gpu``); a profile's share is dropped with a warning on the console (the
@@ -261,7 +269,7 @@ def _run(spec: SweepSpec, opened: OpenSweep, storage, address, num_cpus, verbose
                 name=spec.name, storage_path=str(folder.parent), verbose=verbose,
                 callbacks=[interrupt.InterruptWatch(),
                            MlflowSweepCallback(spec.name, opened.tracking_uri, tags=spec.tags, params=spec.params,
-                                               sweep_id=opened.sweep_id),
+                                               sweep_id=opened.sweep_id, label_keys=_searched_keys(spec)),
                            ConsoleCallback(spec.console_keys, spec.metric, str(log_path) if log_path else None)],
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
