@@ -39,10 +39,6 @@ def figure_uri(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def figure_html(fig, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" src="{figure_uri(fig)}">'
-
-
 def note(text: str, kind: str = "note") -> str:
     return f'<div class="{kind}">{html.escape(text)}</div>'
 

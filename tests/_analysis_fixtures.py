@@ -87,6 +87,9 @@ def sweep_folder(storage: Path, name: str = "moco_variance", n_trials: int = 3, 
             ckpt = trial_dir / f"checkpoint_{epoch - 1:06d}"
             ckpt.mkdir()
             _probe_table(rng, report["probe_auroc_20shot"]).to_parquet(ckpt / "probe_results.parquet", index=False)
+            # a trial's checkpoint always holds its backbone; choosing the best checkpoint looks for the
+            # file (cxrtune.export.best_report) and nothing in these tests loads it
+            (ckpt / "backbone.pt").write_bytes(b"")
         (trial_dir / "result.json").write_text("\n".join(lines) + "\n")
         _probe_table(rng, 0.55).to_parquet(trial_dir / "work" / "initial_probe_results.parquet", index=False)
         last = json.loads(lines[-1])

@@ -106,7 +106,6 @@ from cxrtune.evaluate.metrics import batched_accuracy, batched_auroc, batched_f1
 
 DEFAULT_CS = (0.01, 0.1, 1.0, 10.0, 100.0)
 _GATHER_BLOCK_ELEMENTS = 2 ** 18  # feature values gathered at once (2 MB in float64: stays in cache)
-_GEMM_IN_FEATURE_PRECISION = True
 _SCORES = ("C", "auroc", "accuracy", "f1")  # what _fit_group returns per episode, in this order
 _LINE_SEARCH_STEPS = torch.tensor([0.5 ** k for k in range(12)], dtype=torch.float64)
 
@@ -801,7 +800,7 @@ def _fit_group(x: torch.Tensor, inv_norm: torch.Tensor, group: Sequence[tuple], 
     # precision, so that the block is still in cache for the product: one gather of every
     # episode's rows would write hundreds of MB of fresh memory and cost more than the products.
     rows = torch.cat([train_idx, test_idx], 1)
-    gemm_dtype = x.dtype if _GEMM_IN_FEATURE_PRECISION else torch.float64
+    gemm_dtype = x.dtype  # products in the features' precision (float64 measured no more accurate here)
     products = torch.empty(G, T + M, T, dtype=gemm_dtype, device=device)
     per_block = max(1, _GATHER_BLOCK_ELEMENTS // ((T + M) * x.shape[1]))
     for start in range(0, G, per_block):

@@ -1,7 +1,7 @@
 """One evaluation: a backbone, a set of images, the episodes, the evaluators -> a tidy table.
 
 ``run_evaluation`` is the public entry point (the CLI and the sweep trainables call it);
-``probe_monitor`` is the cheap in-loop variant for pretraining; ``study_table`` prints results the
+``study_table`` prints results the
 way the study reported them (mean over diseases of per-disease mean AUROC, by shots, with paired
 p-values against a baseline).
 
@@ -25,9 +25,9 @@ import pandas as pd
 from cxrtune import __version__
 from cxrtune.config import Config, param
 from cxrtune.data.tasks import DEFAULT_SHOTS, DEFAULT_TRIALS
-from cxrtune.errors import ConfigError, TaskError
+from cxrtune.errors import TaskError
 from cxrtune.evaluate.features import (
-    BackboneSpec, ExtractConfig, cached_features, extract_features, images_identity,
+    BackboneSpec, ExtractConfig, cached_features, images_identity,
 )
 from cxrtune.evaluate.finetune import FinetuneConfig, finetune_episodes
 from cxrtune.evaluate.knn import KnnConfig, knn_scores
@@ -153,30 +153,6 @@ def write_results(table: pd.DataFrame, path: str | Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
-
-
-def probe_monitor(backbone: Backbone, images: Any, episodes: pd.DataFrame, row_of_id: Mapping[str, int] | None = None,
-                  evaluator: str = "probe", probe: ProbeConfig | None = None, knn: KnnConfig | None = None,
-                  preprocessing: PreprocessConfig | None = None, extraction: ExtractConfig | None = None) -> dict[str, float]:
-    """In-loop few-shot score of a backbone being trained: ``{"probe_auroc_5shot": ..., ...}``.
-
-    The value per shot count is the mean over diseases of the per-disease mean AUROC (the
-    study's summary). Features are extracted without the disk cache (weights change every call),
-    on the backbone's own device unless ``extraction`` says otherwise, and the backbone's
-    train/eval mode is restored. ``evaluator="knn"`` is cheaper still and names
-    its metrics ``knn_auroc_{n}shot``.
-    """
-    if evaluator not in ("probe", "knn"):
-        raise ConfigError(f"probe_monitor evaluator = {evaluator!r} is not valid: use probe or knn")
-    row_of_id = row_of_id if row_of_id is not None else default_row_map(images)
-    rows, ids = _local_rows(episodes, row_of_id)
-    if extraction is None:  # stay where the training loop keeps the model
-        extraction = ExtractConfig(device=str(next(backbone.parameters()).device))
-    features = extract_features(backbone, images, rows, preprocessing, extraction, what="monitored backbone")
-    local = {image_id: i for i, image_id in enumerate(ids)}
-    scored = fit_probes(features, episodes, local, probe) if evaluator == "probe" else knn_scores(features, episodes, local, knn)
-    by_shots = scored.groupby(["shots", "disease"])["auroc"].mean().groupby("shots").mean()
-    return {f"{evaluator}_auroc_{int(s)}shot": float(v) for s, v in by_shots.items()}
 
 
 def study_table(results: pd.DataFrame, baseline: str | None = None, metric: str = "auroc") -> str:

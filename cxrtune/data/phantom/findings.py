@@ -57,11 +57,6 @@ class FindingEffect:
     mask: np.ndarray    # bool, patient coordinates
 
 
-def draw_severity(name: str, rng: np.random.Generator) -> float:
-    a, b = SEVERITY_BETA[name]
-    return float(np.clip(rng.beta(a, b), 0.02, 1.0))
-
-
 def _grid(size: int):
     g = np.arange(size, dtype=np.float32) + 0.5
     return np.meshgrid(g, g, indexing="ij")
