@@ -157,7 +157,10 @@ def compare(args_runs: list[str], storage: str | Path = "./cxrtune-runs", episod
 
         episodes_path = named[0][1]
         shared = shared if shared is not None else load_episodes(episodes_path)
-        params = json.loads(next(p for p in sweeps[0].glob("*/params.json")).read_text()) if sweeps else {}
+        from cxrtune.sweepstate import read_inputs
+
+        params = ({**json.loads(next(p for p in sweeps[0].glob("*/params.json")).read_text()),
+                   **read_inputs(sweeps[0])} if sweeps else {})
         cache_path = Path(cache) if cache else Path(params.get("trial.eval_cache") or params.get("trial.cache", ""))
         if not cache_path.is_dir():
             raise CompareError(f"image cache {cache_path} does not exist: pass --cache FOLDER (the cache the "

@@ -122,7 +122,12 @@ def build_report(name: str, storage: str | Path = "./cxrtune-runs", results: lis
 
 
 def _first_params(sweep: SweepFolder) -> dict[str, Any]:
-    return dict(sweep.trials["_params"].iloc[0]) if not sweep.trials.empty else {}
+    """A trial's params with the sweep's data inputs (``inputs.json``; older sweeps kept them in
+    the params)."""
+    from cxrtune.sweepstate import read_inputs
+
+    params = dict(sweep.trials["_params"].iloc[0]) if not sweep.trials.empty else {}
+    return {**params, **read_inputs(sweep.folder)}
 
 
 # -- sections --------------------------------------------------------------------------------------

@@ -190,6 +190,25 @@ def hold_driver_lock(folder: str | os.PathLike) -> Iterator[None]:
         lock.release()
 
 
+# -- fixed inputs -------------------------------------------------------------------------------
+INPUTS_FILE = "inputs.json"
+
+
+def write_inputs(folder: str | os.PathLike, inputs: Mapping[str, Any]) -> None:
+    """The data a sweep's trials read (caches, episodes, source names): given to the trainable
+    with ``tune.with_parameters``, not searched or logged as a trial's params, and kept here for
+    the analysis."""
+    _atomic_write_json(Path(folder) / INPUTS_FILE, inputs)
+
+
+def read_inputs(folder: str | os.PathLike) -> dict[str, Any]:
+    path = Path(folder) / INPUTS_FILE
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
 # -- identity -----------------------------------------------------------------------------------
 def read_identity(folder: str | os.PathLike) -> dict[str, Any] | None:
     path = Path(folder) / SWEEP_FILE

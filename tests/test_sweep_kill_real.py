@@ -144,10 +144,14 @@ def test_each_trial_has_exactly_one_mlflow_run_with_both_sources(killed_and_resu
     assert parent.data.tags["cxrtune.source"] == "phantom" and parent.data.tags["cxrtune.eval_source"] == "csv"
     assert parent.data.params["data.source"] == "phantom" and parent.data.params["data.eval_source"] == "csv"
     assert parent.data.params["data.eval_root"] == str(killed_and_resumed["archive"]["root"])
+    inputs = json.loads((killed_and_resumed["folder"] / "inputs.json").read_text())  # what the trainable was given
+    assert (inputs["trial.source"], inputs["trial.eval_source"]) == ("phantom", "csv")
+    assert inputs["trial.eval_cache"] == parent.data.params["data.eval_cache"] != inputs["trial.cache"]
     for child in children:
         assert child.data.tags["cxrtune.status"] == "completed" and child.info.status == "FINISHED"
-        assert child.data.params["trial.source"] == "phantom" and child.data.params["trial.eval_source"] == "csv"
-        assert child.data.params["trial.eval_cache"] != child.data.params["trial.cache"]
+        # the data is the parent's description, not a trial's params (nor a searched value)
+        assert not [k for k in child.data.params if k.startswith(("trial.cache", "trial.episodes", "trial.eval_",
+                                                                   "trial.source", "data."))]
         assert [m.step for m in client.get_metric_history(child.info.run_id, "ssl_loss")] == [1, 2]
         names = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"metrics.jsonl", "initial_probe_results.parquet", "last_checkpoint"} <= names, names

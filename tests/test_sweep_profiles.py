@@ -58,7 +58,11 @@ def resolve(archive, monkeypatch, *argv: str, sweep: str = "moco_variance"):
     handed = {}
 
     def record(spec, **kwargs):
+        from cxrtune.sweepstate import read_inputs
+
         handed["spec"] = spec
+        # the data the trainable is given (tune.with_parameters), as the driver recorded it
+        spec.inputs = read_inputs(kwargs["opened"].folder)
         raise _Handed
 
     monkeypatch.setattr(runner, "run_sweep", record)
@@ -151,10 +155,12 @@ def test_smoke_sweep_resolves_to_a_spec_whose_asha_stops_no_trial(archive, smoke
     assert spec.max_t == epochs == 2
     assert spec.grace_period == epochs and stopping_rungs(spec) == []  # a smoke run is deterministic
     assert spec.points_to_evaluate[0] == STUDY
-    # the searched keys stay Tune domains; everything else is fixed, the data included
+    # the searched keys stay Tune domains; everything else is fixed; the data is no param at all
     assert all(hasattr(spec.param_space[k], "sample") for k in load_sweep("moco_variance").space)
-    assert Path(spec.param_space["trial.cache"]).is_relative_to(archive["tmp"] / "cache")
-    assert Path(spec.param_space["trial.episodes"]).is_file()
+    assert not [k for k in spec.param_space if k in ("trial.cache", "trial.episodes", "trial.eval_cache",
+                                                       "trial.source", "trial.eval_source")]
+    assert Path(spec.inputs["trial.cache"]).is_relative_to(archive["tmp"] / "cache")
+    assert Path(spec.inputs["trial.episodes"]).is_file()
 
 
 def test_num_samples_and_max_concurrent_from_argv_reach_the_spec(archive, smoke_spec, monkeypatch):
@@ -173,7 +179,7 @@ def test_the_cpu_profile_tests_on_every_held_out_image_and_fits_an_hour(archive,
     import pandas as pd
 
     spec = resolve(archive, monkeypatch, "--profile", "cpu", "--name", "cpu")
-    episodes = pd.read_parquet(spec.param_space["trial.episodes"])
+    episodes = pd.read_parquet(spec.inputs["trial.episodes"])
     listing = pd.read_csv(archive["root"] / "labels.csv")
     held_out_normals = set(listing.loc[(listing["labels"] == "No Finding") & (listing["split"] == "val"), "image_id"])
     assert len(held_out_normals) == 8

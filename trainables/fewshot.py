@@ -14,7 +14,9 @@ from trainables._log import trial_folder, trial_log
 from trainables._resources import apply_trial_resources
 
 
-def fewshot_trainable(config: dict) -> None:
+def fewshot_trainable(config: dict, inputs: dict | None = None) -> None:
+    """``inputs``: the sweep's data (cache, episodes), given with ``tune.with_parameters``."""
+    config = {**config, **(inputs or {})}
     apply_trial_resources()
     out_dir = trial_folder()
 

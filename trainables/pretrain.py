@@ -16,10 +16,11 @@ from trainables._log import trial_folder, trial_log
 from trainables._resources import apply_trial_resources
 
 
-def pretrain_trainable(config: dict) -> None:
+def pretrain_trainable(config: dict, inputs: dict | None = None) -> None:
+    """``inputs``: the sweep's data (caches, episodes), given with ``tune.with_parameters``."""
     apply_trial_resources()
     with trial_log():
-        _pretrain(config)
+        _pretrain({**config, **(inputs or {})})
 
 
 def _pretrain(config: dict) -> None:

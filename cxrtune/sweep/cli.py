@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from cxrtune.errors import CxrtuneError
@@ -342,6 +341,9 @@ def run(sweep: PretrainSweep, args: argparse.Namespace) -> int:
 
 
 def _run_open(sweep: PretrainSweep, args: argparse.Namespace, opened) -> int:
+    from ray import tune
+
+    from cxrtune import sweepstate
     from cxrtune.cli import parse_options
     from cxrtune.sweep import interrupt
     from cxrtune.sweep.runner import SweepSpec, run_sweep
@@ -356,10 +358,13 @@ def _run_open(sweep: PretrainSweep, args: argparse.Namespace, opened) -> int:
     print(data.describe())
 
     fixed = _profile_config(sweep, profile, parse_options(args.set, "--set"))
-    fixed.update({"trial.cache": str(data.cache.path), "trial.episodes": str(data.episodes_path),
-                  "trial.eval_cache": str(data.eval_cache.path), "trial.source": data.source.name,
-                  "trial.eval_source": data.eval_source.name,
-                  "trial.probe_input_size": profile["probe_input_size"]})
+    # The data reaches the trials through tune.with_parameters, not the param space: it is neither
+    # searched nor a trial's MLflow param (the parent run's data.* params describe it).
+    inputs = {"trial.cache": str(data.cache.path), "trial.episodes": str(data.episodes_path),
+              "trial.eval_cache": str(data.eval_cache.path), "trial.source": data.source.name,
+              "trial.eval_source": data.eval_source.name}
+    sweepstate.write_inputs(folder, inputs)
+    fixed["trial.probe_input_size"] = profile["probe_input_size"]
     unknown = [k for k in sweep.space if k not in fixed]
     if unknown:
         raise CxrtuneError(f"search space key {unknown[0]!r} is not a config key")
@@ -371,7 +376,8 @@ def _run_open(sweep: PretrainSweep, args: argparse.Namespace, opened) -> int:
     if args.gpu is not None:
         resources["gpu"] = args.gpu
     spec = SweepSpec(
-        name=name, trainable=pretrain_trainable, param_space=param_space, metric=sweep.objective, mode="max",
+        name=name, trainable=tune.with_parameters(pretrain_trainable, inputs=inputs), param_space=param_space,
+        metric=sweep.objective, mode="max",
         num_samples=args.num_samples if args.num_samples is not None else profile["num_samples"],
         max_concurrent=args.max_concurrent if args.max_concurrent is not None else profile["max_concurrent"],
         resources=resources, require_gpu=args.gpu is not None,

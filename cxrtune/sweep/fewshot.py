@@ -195,14 +195,18 @@ def _run_open(sweep: FewshotSweep, args: argparse.Namespace, opened) -> int:
              "label": e["label"], "eval.evaluators": [ev]} for e in entries for ev in evaluators]
     param_space = {
         "case": tune.grid_search(grid),
-        "trial.cache": str(cache.path), "trial.episodes": str(episodes_path),
         "eval.input_size": profile["input_size"], "eval.crop_fraction": profile["crop_fraction"],
         "eval.finetune.epochs": profile["finetune_epochs"],
     }
     resources = {"cpu": args.cpu}
     if args.gpu:
         resources["gpu"] = args.gpu
-    spec = SweepSpec(name=name, trainable=fewshot_trainable, param_space=param_space, metric="mean_auroc",
+    inputs = {"trial.cache": str(cache.path), "trial.episodes": str(episodes_path)}  # data, not params
+    from cxrtune import sweepstate
+
+    sweepstate.write_inputs(folder, inputs)
+    spec = SweepSpec(name=name, trainable=tune.with_parameters(fewshot_trainable, inputs=inputs),
+                     param_space=param_space, metric="mean_auroc",
                      mode="max", num_samples=1, max_concurrent=args.max_concurrent or len(grid),
                      resources=resources, search="grid", asha=False,
                      tags={"cxrtune.kind": "fewshot", "cxrtune.source": source.name}, console_keys=())
