@@ -296,3 +296,17 @@ def test_a_sweep_whose_every_trial_fills_the_disk_says_so_and_exits_non_zero(tmp
         assert "No space left on device" in result.stdout  # the summary's list of causes
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_print_config_shows_each_value_and_where_it_comes_from_and_writes_nothing(tmp_path, capsys):
+    assert _sweep_main(["--print-config", "--profile", "smoke", "--set", "train.epochs=5",
+                        "--storage", str(tmp_path / "runs")]) == 0
+    lines = {line.split()[0]: line.split(None, 1)[1] for line in capsys.readouterr().out.splitlines()
+             if line and not line.startswith("#")}
+    assert lines["train.epochs"].split() == ["5", "--set"]
+    assert lines["train.batch_size"].split() == ["16", "sweep", "profile", "smoke"]  # the smoke sweep's override
+    assert lines["optim.lr"].startswith("loguniform(0.005, 0.2)") and lines["optim.lr"].endswith(
+        "searched; seed point 0.045")
+    assert lines["moco.temperature"].endswith("searched; seed point 0.07")
+    assert lines["model.arch"].endswith("engine profile smoke (moco)")
+    assert not (tmp_path / "runs").exists()

@@ -152,6 +152,9 @@ def build_parser(sweep: PretrainSweep) -> argparse.ArgumentParser:
                         help="stop starting trials after this many minutes (running ones are stopped too)")
     parser.add_argument("--verbose", action="store_true",
                         help="show Ray's own progress tables and logs here instead of in <sweep>/ray-console.log")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print a trial's config with where each value comes from (engine profile, sweep "
+                             "profile, sweep script, --set, search space) and exit; nothing is run or written")
     return parser
 
 
@@ -168,6 +171,55 @@ def _profile_config(sweep: PretrainSweep, profile: dict[str, Any], sets: dict[st
 
     config = profiles.profile(profile["engine"], sweep.method).override({**profile["overrides"], **sweep.fixed, **sets})
     return config.to_flat()
+
+
+def config_provenance(sweep: PretrainSweep, profile_name: str, sets: dict[str, Any]) -> list[tuple[str, Any, str]]:
+    """(key, value, where it came from) for every key of a trial's config: the engine profile,
+    the sweep profile's overrides, the sweep script's fixed keys, ``--set``, or the search space
+    (with the study's seed point, evaluated first)."""
+    profile = PROFILES[profile_name]
+    flat = _profile_config(sweep, profile, sets)
+    flat["trial.probe_input_size"] = profile["probe_input_size"]
+    rows = []
+    for key, value in flat.items():
+        if key in sweep.space and key not in sets:
+            seed = f"; seed point {sweep.seed_point[key]!r}" if key in sweep.seed_point else ""
+            rows.append((key, sweep.space[key], f"searched{seed}"))
+        elif key in sets:
+            rows.append((key, value, "--set"))
+        elif key in sweep.fixed:
+            rows.append((key, value, f"sweep script {sweep.name}"))
+        elif key in profile["overrides"]:
+            rows.append((key, value, f"sweep profile {profile_name}"))
+        elif key == "trial.probe_input_size":
+            rows.append((key, value, f"sweep profile {profile_name} (probe_input_size)"))
+        else:
+            rows.append((key, value, f"engine profile {profile['engine']} ({sweep.method})"))
+    return rows
+
+
+def describe_domain(domain: Any) -> str:
+    """A Tune search domain in words: ``loguniform(0.03, 0.3)``, ``choice([1, 2])``."""
+    if hasattr(domain, "categories"):
+        return f"choice({list(domain.categories)!r})"
+    lower, upper = getattr(domain, "lower", None), getattr(domain, "upper", None)
+    if lower is not None and upper is not None:
+        sampler = type(getattr(domain, "sampler", None)).__name__.lower()
+        kind = "loguniform" if "log" in sampler else "randint" if type(domain).__name__ == "Integer" else "uniform"
+        return f"{kind}({lower:g}, {upper:g})"
+    if isinstance(domain, dict) and "grid_search" in domain:
+        return f"grid({domain['grid_search']!r})"
+    return repr(domain)
+
+
+def print_config(sweep: PretrainSweep, profile_name: str, sets: dict[str, Any], out=None) -> None:
+    rows = config_provenance(sweep, profile_name, sets)
+    width = max(len(k) for k, _, _ in rows)
+    shown = [(k, describe_domain(v) if where.startswith("searched") else repr(v), where) for k, v, where in rows]
+    vwidth = min(40, max(len(v) for _, v, _ in shown))
+    print(f"# sweep {sweep.name}, profile {profile_name}: a trial's config and where each value comes from", file=out)
+    for key, value, where in shown:
+        print(f"{key:<{width}}  {value:<{vwidth}}  {where}", file=out)
 
 
 @dataclasses.dataclass
@@ -324,8 +376,12 @@ def apply_record(args: argparse.Namespace, record: dict[str, Any]) -> None:
 
 
 def run(sweep: PretrainSweep, args: argparse.Namespace) -> int:
+    from cxrtune.cli import parse_options
     from cxrtune.sweep.runner import open_sweep
 
+    if args.print_config:
+        print_config(sweep, args.profile or RECORD_DEFAULTS["profile"], parse_options(args.set, "--set"))
+        return 0
     name = args.name or sweep.name
     record = sweep_record(args)
     if not args.resume:
