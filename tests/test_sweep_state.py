@@ -310,3 +310,9 @@ def test_print_config_shows_each_value_and_where_it_comes_from_and_writes_nothin
     assert lines["moco.temperature"].endswith("searched; seed point 0.07")
     assert lines["model.arch"].endswith("engine profile smoke (moco)")
     assert not (tmp_path / "runs").exists()
+
+
+def test_an_empty_name_is_refused_not_read_as_the_default(tmp_path, capsys):
+    assert _sweep_main(["--name", "", "--storage", str(tmp_path / "runs")]) == 2
+    assert "sweep name '': use a non-empty name without slashes or spaces" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

@@ -330,7 +330,7 @@ def resume_hint(sweep: PretrainSweep, args: argparse.Namespace) -> str:
     """How to continue this sweep (or start it again when Tune never saved it)."""
     from cxrtune.sweep.runner import sweep_dir
 
-    name = args.name or sweep.name
+    name = args.name if args.name is not None else sweep.name
     folder = sweep_dir(name, args.storage)
     command = f"python sweeps/{sweep.name}.py --resume"
     if args.name:
@@ -363,8 +363,8 @@ def sweep_record(args: argparse.Namespace) -> dict[str, Any]:
 
 def apply_record(args: argparse.Namespace, record: dict[str, Any]) -> None:
     """Put the sweep's arguments (recorded, or given and defaulted) back on ``args``."""
-    args.profile = record.get("profile") or RECORD_DEFAULTS["profile"]
-    args.source = record.get("source") or RECORD_DEFAULTS["source"]
+    args.profile = record["profile"] if record.get("profile") is not None else RECORD_DEFAULTS["profile"]
+    args.source = record["source"] if record.get("source") is not None else RECORD_DEFAULTS["source"]
     args.seed = record["seed"] if record.get("seed") is not None else RECORD_DEFAULTS["seed"]
     args.root = record.get("root")
     args.option = record.get("options")
@@ -380,9 +380,10 @@ def run(sweep: PretrainSweep, args: argparse.Namespace) -> int:
     from cxrtune.sweep.runner import open_sweep
 
     if args.print_config:
-        print_config(sweep, args.profile or RECORD_DEFAULTS["profile"], parse_options(args.set, "--set"))
+        print_config(sweep, args.profile if args.profile is not None else RECORD_DEFAULTS["profile"],
+                     parse_options(args.set, "--set"))
         return 0
-    name = args.name or sweep.name
+    name = args.name if args.name is not None else sweep.name
     record = sweep_record(args)
     if not args.resume:
         record = {**record, **{k: v for k, v in RECORD_DEFAULTS.items() if record.get(k) is None}}

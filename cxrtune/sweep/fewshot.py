@@ -158,16 +158,17 @@ def main(sweep: FewshotSweep, argv: list[str] | None = None) -> int:
 def run(sweep: FewshotSweep, args: argparse.Namespace) -> int:
     from cxrtune.sweep.runner import open_sweep
 
-    name = args.name or sweep.name
+    name = args.name if args.name is not None else sweep.name
     record = {"profile": args.profile, "source": args.source,
               "root": str(Path(args.root).expanduser().resolve()) if args.root else None,
               "options": sorted(args.option) if args.option else None}
     if not args.resume:
-        record = {**record, "profile": args.profile or "default", "source": args.source or "phantom"}
+        record = {**record, "profile": "default" if args.profile is None else args.profile,
+                  "source": "phantom" if args.source is None else args.source}
     with open_sweep(name, args.storage, resume=args.resume, tracking_uri=args.tracking_uri, record=record,
                     resume_hint=f"(sweep {name} in {args.storage})") as opened:
-        args.profile = opened.record.get("profile") or "default"
-        args.source = opened.record.get("source") or "phantom"
+        args.profile = opened.record["profile"] if opened.record.get("profile") is not None else "default"
+        args.source = opened.record["source"] if opened.record.get("source") is not None else "phantom"
         args.root, args.option = opened.record.get("root"), opened.record.get("options")
         return _run_open(sweep, args, opened)
 
@@ -207,7 +208,7 @@ def _run_open(sweep: FewshotSweep, args: argparse.Namespace, opened) -> int:
     sweepstate.write_inputs(folder, inputs)
     spec = SweepSpec(name=name, trainable=tune.with_parameters(fewshot_trainable, inputs=inputs),
                      param_space=param_space, metric="mean_auroc",
-                     mode="max", num_samples=1, max_concurrent=args.max_concurrent or len(grid),
+                     mode="max", num_samples=1, max_concurrent=args.max_concurrent if args.max_concurrent is not None else len(grid),
                      resources=resources, search="grid", asha=False,
                      tags={"cxrtune.kind": "fewshot", "cxrtune.source": source.name}, console_keys=())
     results = run_sweep(spec, storage=args.storage, address=args.address, num_cpus=args.cpus,
