@@ -115,6 +115,8 @@ def positive_float(text: str) -> float:
 
 
 def build_parser(sweep: PretrainSweep) -> argparse.ArgumentParser:
+    from cxrtune.sweep.runner import DEFAULT_STORAGE
+
     searched = ", ".join(sweep.space)
     parser = argparse.ArgumentParser(
         prog=f"python sweeps/{sweep.name}.py",
@@ -135,7 +137,7 @@ def build_parser(sweep: PretrainSweep) -> argparse.ArgumentParser:
     parser.add_argument("--max-concurrent", type=positive_int, default=None,
                         help="trials at once (default: the profile's)")
     parser.add_argument("--name", default=None, help=f"sweep name, the folder under --storage (default: {sweep.name})")
-    parser.add_argument("--storage", default="./cxrtune-runs", help="where sweeps live; shared storage on a cluster")
+    parser.add_argument("--storage", default=DEFAULT_STORAGE, help="where sweeps live; shared storage on a cluster")
     parser.add_argument("--address", default=None, help="an existing Ray cluster ('auto' or host:port)")
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db; with --resume, the "
@@ -328,14 +330,14 @@ def main(sweep: PretrainSweep, argv: list[str] | None = None) -> int:
 
 def resume_hint(sweep: PretrainSweep, args: argparse.Namespace) -> str:
     """How to continue this sweep (or start it again when Tune never saved it)."""
-    from cxrtune.sweep.runner import sweep_dir
+    from cxrtune.sweep.runner import DEFAULT_STORAGE, sweep_dir
 
     name = args.name if args.name is not None else sweep.name
     folder = sweep_dir(name, args.storage)
     command = f"python sweeps/{sweep.name}.py --resume"
     if args.name:
         command += f" --name {args.name}"
-    if args.storage != "./cxrtune-runs":
+    if args.storage != DEFAULT_STORAGE:
         command += f" --storage {args.storage}"
     try:
         from ray import tune

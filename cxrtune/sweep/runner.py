@@ -33,6 +33,12 @@ from cxrtune.sweep.optuna_state import ResumableOptunaSearch, fail_stale_running
 DEFAULT_STORAGE = "./cxrtune-runs"
 
 
+def check_sweep_name(name: str, what: str = "sweep name ") -> None:
+    """A sweep's name is its folder under the storage: non-empty, no slashes or spaces."""
+    if not name or any(c in name for c in "/\\ "):
+        raise ConfigError(f"{what}{name!r}: use a non-empty name without slashes or spaces")
+
+
 @dataclasses.dataclass
 class SweepSpec:
     """Everything a sweep script declares; one call to :func:`run_sweep` runs it."""
@@ -68,8 +74,7 @@ class SweepSpec:
     max_failures: int = 2
 
     def __post_init__(self) -> None:
-        if not self.name or any(c in self.name for c in "/\\ "):
-            raise ConfigError(f"SweepSpec.name = {self.name!r}: use a non-empty name without slashes or spaces")
+        check_sweep_name(self.name, "SweepSpec.name = ")
         if self.mode not in ("min", "max"):
             raise ConfigError(f"SweepSpec.mode = {self.mode!r}: use 'min' or 'max'")
         if self.search not in ("optuna", "grid"):
@@ -168,8 +173,7 @@ def open_sweep(name: str, storage: str | os.PathLike | None = None, *, resume: b
     """
     from cxrtune.tracking import tracking_uri as uri_in_force
 
-    if not name or any(c in name for c in "/\\ "):
-        raise ConfigError(f"sweep name {name!r}: use a non-empty name without slashes or spaces")
+    check_sweep_name(name)
     sweepstate.check_storage(storage or DEFAULT_STORAGE)
     folder = sweep_dir(name, storage)
     if resume:  # refused before anything is written (a mistyped --name leaves no folder behind)
