@@ -374,6 +374,8 @@ def test_workers_of_a_killed_builder_exit(tmp_path, pngs, cache_env):
         for pid in worker_pids:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+        proc.stdout.close()
+        proc.stderr.close()
     assert find_caches() == []
     cache = build_cache(PngFolderSource(pngs), size=SIZE, workers=1, progress=False)
     assert _entries(cache_env) == [cache.path.name]
@@ -485,7 +487,7 @@ def test_find_caches_and_summary(pngs, cache_env):
 
 def test_compaction_moves_long_runs_like_fancy_indexing(tmp_path):
     # runs longer than the copy block, a skipped first row and a skipped last row
-    from cxrtune.data.cache import _compact
+    from cxrtune.data.cache_build import compact
 
     rng = np.random.default_rng(5)
     shape = (700, 8, 8)
@@ -495,7 +497,7 @@ def test_compaction_moves_long_runs_like_fancy_indexing(tmp_path):
     dropped = {0, 1, 300, 301, 302, 650, 699}
     kept = np.array([i for i in range(shape[0]) if i not in dropped], dtype=np.int64)
 
-    _compact(path, shape, kept)
+    compact(path, shape, kept)
 
     assert path.stat().st_size == len(kept) * 64
     compacted = np.fromfile(path, dtype=np.uint8).reshape(len(kept), 8, 8)
@@ -510,25 +512,79 @@ def test_a_source_returning_wrong_arrays_is_named(pngs, cache_env, monkeypatch):
     assert _entries(cache_env) == []
 
 
+def _hold_lock_in_another_process(lock: Path) -> subprocess.Popen:
+    """A process that takes ``lock`` as a build does and keeps it until killed or its stdin closes."""
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from cxrtune.data.cache_disk import hold_lock, release_lock\n"
+        "lock = hold_lock(Path(sys.argv[1]))\n"
+        "print('held', flush=True)\n"
+        "sys.stdin.read()\n"
+        "release_lock(lock)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(lock)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if line.strip() != "held":
+        proc.kill()
+        _, err = proc.communicate(timeout=30)
+        pytest.fail(f"the lock holder did not start: {line!r} {err}")
+    return proc
+
+
 def test_cleanup_spares_a_live_build_and_removes_a_dead_one(tmp_path):
-    from cxrtune.data.cache import _hold_lock, _release_lock, remove_abandoned
+    from cxrtune.data.cache_disk import lock_path, remove_abandoned
 
     live = tmp_path / "abc-s32-crop.partial-live"
-    live_lock = tmp_path / (live.name + ".lock")
-    fd = _hold_lock(live_lock)
-    live.mkdir()
-    dead = tmp_path / "abc-s32-crop.partial-dead"
-    dead.mkdir()
-    (tmp_path / (dead.name + ".lock")).touch()  # its owner died: nobody holds the lock
-    replaced = tmp_path / "abc-s32-crop.stale-old"
-    replaced.mkdir()
+    live_lock = lock_path(live)
+    holder = _hold_lock_in_another_process(live_lock)
     try:
+        # a build takes its lock before it makes its folder: the lock alone is spared too
+        assert remove_abandoned(tmp_path) == [] and list(tmp_path.iterdir()) == [live_lock]
+        live.mkdir()
+        dead = tmp_path / "abc-s32-crop.partial-dead"
+        dead.mkdir()
+        lock_path(dead).touch()  # its owner died: nobody holds the lock
+        orphan = lock_path(tmp_path / "abc-s32-crop.partial-gone")
+        orphan.touch()  # a dead build's lock whose folder is already gone
+        replaced = tmp_path / "abc-s32-crop.stale-old"
+        replaced.mkdir()
+
         removed = remove_abandoned(tmp_path)
         assert sorted(p.name for p in removed) == [dead.name, replaced.name]
         assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, live_lock.name]
+        assert remove_abandoned(tmp_path) == []
     finally:
-        _release_lock(fd, live_lock)
+        holder.kill()  # as a killed build dies: the lock file stays, held by nobody
+        holder.communicate(timeout=30)
+    assert live_lock.exists()
     assert remove_abandoned(tmp_path) == [live] and list(tmp_path.iterdir()) == []
+
+
+def test_a_partial_folder_without_a_lock_file_is_removed_once_old(tmp_path):
+    from cxrtune.data.cache_disk import _ABANDONED_AFTER_S, remove_abandoned
+
+    partial = tmp_path / "abc-s32-crop.partial-nolock"
+    partial.mkdir()
+    assert remove_abandoned(tmp_path) == [] and partial.is_dir()  # its owner may have lost its lock file
+
+    old = time.time() - _ABANDONED_AFTER_S - 60
+    os.utime(partial, (old, old))
+    assert remove_abandoned(tmp_path) == [partial] and list(tmp_path.iterdir()) == []
+
+
+def test_a_finished_lock_holder_leaves_no_lock_file(tmp_path):
+    from cxrtune.data.cache_disk import lock_held
+
+    lock = tmp_path / "abc-s32-crop.partial-x.lock"
+    holder = _hold_lock_in_another_process(lock)
+    try:
+        assert lock_held(lock)
+    finally:
+        _, err = holder.communicate(input="", timeout=30)
+    assert holder.returncode == 0, err
+    assert not lock.exists() and not lock_held(lock) and not lock.exists()  # probing creates no file
 
 
 def test_default_workers_decode_small_builds_in_process(pngs, cache_env):
