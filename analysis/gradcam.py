@@ -3,7 +3,7 @@
 A self-supervised backbone has no class score to differentiate, so (as the study did) a logistic
 head is fitted on the pooled, L2-normalised features of **all** training positives and negatives of
 one disease (the same probe objective as :mod:`cxrtune.evaluate.probe`, solved by its
-:func:`~cxrtune.evaluate.probe.solve_logistic`). :class:`HeadedBackbone` wraps backbone and head
+:func:`~cxrtune.evaluate.logistic.solve_logistic`). :class:`HeadedBackbone` wraps backbone and head
 as one ``nn.Module`` whose output is that disease's logit, and the grad-cam package's ``GradCAM``
 is run on the backbone's last stage (``trunk.layer4``).
 
@@ -26,7 +26,8 @@ from cxrtune.config import Config, param
 from cxrtune.errors import TaskError
 from cxrtune.evaluate.features import ExtractConfig, extract_features
 from cxrtune.evaluate.preprocess import PreprocessConfig, preprocess
-from cxrtune.evaluate.probe import normalize_features, solve_logistic
+from cxrtune.evaluate.logistic import solve_logistic
+from cxrtune.evaluate.probe import normalize_features
 from cxrtune.models.backbone import Backbone
 
 

@@ -84,8 +84,8 @@ def main() -> None:
 
     from cxrtune.data.index import validate_index
     from cxrtune.data.tasks import build_task_pool, sample_episodes
-    from cxrtune.evaluate import probe
     from cxrtune.evaluate.probe import ProbeConfig, fit_probes
+    from cxrtune.evaluate.workers import use_processes
 
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", ConvergenceWarning)
@@ -121,7 +121,7 @@ def main() -> None:
     workers = args.workers or min(2, args.threads)
     print(f"grid: {len(episodes)} probes ({args.diseases} diseases x shots 1/5/10/20/50 x {args.trials} trials), "
           f"{args.dim}-d features, {args.threads} threads, {workers} probe workers "
-          f"({'processes' if workers > 1 and probe._use_processes(args.parallel) else 'threads'}), device {args.device}")
+          f"({'processes' if workers > 1 and use_processes(args.parallel) else 'threads'}), device {args.device}")
 
     fit_probes(x[:, :64], episodes.head(20), row_of_id, config)  # warm-up (allocator, kernels)
     normalised = x.astype(np.float64)
@@ -131,7 +131,8 @@ def main() -> None:
         chosen = np.linspace(0, len(episodes) - 1, args.sklearn_episodes).round().astype(int)
 
     def cpu_seconds() -> float:
-        """CPU seconds of this process and of its finished, collected children (the probe's forked workers)."""
+        """CPU seconds of this process and of its collected children (the probe's forked workers, joined
+        before fit_probes returns)."""
         t = os.times()
         return t.user + t.system + t.children_user + t.children_system
 
@@ -139,9 +140,6 @@ def main() -> None:
         start, cpu = time.perf_counter(), cpu_seconds()
         result = fit_probes(x, episodes, row_of_id, config)
         elapsed = time.perf_counter() - start
-        while probe._UNREAPED:  # the workers' CPU time counts once they are collected (not timed)
-            probe._reap_finished()
-            time.sleep(0.01)
         return elapsed, cpu_seconds() - cpu, result
 
     def sklearn_loop():
@@ -218,10 +216,11 @@ def breakdown(fit_probes, x, episodes, row_of_id, config, threads: int) -> None:
 
     import torch
 
-    from cxrtune.evaluate import probe
+    from cxrtune.evaluate import logistic
 
     spent: dict[str, float] = {}
-    wrapped = {"kernel_newton": probe.kernel_newton, "cholesky": probe._cholesky, "matmul": probe._matmul,
+    wrapped = {"kernel_newton": logistic.kernel_newton, "cholesky": logistic.batched_cholesky,
+               "matmul": logistic.batched_matmul,
                "triangular solves": torch.linalg.solve_triangular}
 
     def timed(name, f, key=None):
@@ -233,9 +232,9 @@ def breakdown(fit_probes, x, episodes, row_of_id, config, threads: int) -> None:
             return out
         return call
 
-    probe.kernel_newton = timed("solver", wrapped["kernel_newton"], key=lambda g, *a: f"solver, {g.shape[1]} samples")
-    probe._cholesky = timed("cholesky", wrapped["cholesky"])
-    probe._matmul = timed("small products", wrapped["matmul"])
+    logistic.kernel_newton = timed("solver", wrapped["kernel_newton"], key=lambda g, *a: f"solver, {g.shape[1]} samples")
+    logistic.batched_cholesky = timed("cholesky", wrapped["cholesky"])
+    logistic.batched_matmul = timed("small products", wrapped["matmul"])
     torch.linalg.solve_triangular = timed("triangular solves", wrapped["triangular solves"])
     torch.set_num_threads(1)
     try:
@@ -243,9 +242,9 @@ def breakdown(fit_probes, x, episodes, row_of_id, config, threads: int) -> None:
         fit_probes(x, episodes, row_of_id, dataclasses.replace(config, workers=1))
         total = time.process_time() - start
     finally:
-        probe.kernel_newton = wrapped["kernel_newton"]
-        probe._cholesky = wrapped["cholesky"]
-        probe._matmul = wrapped["matmul"]
+        logistic.kernel_newton = wrapped["kernel_newton"]
+        logistic.batched_cholesky = wrapped["cholesky"]
+        logistic.batched_matmul = wrapped["matmul"]
         torch.linalg.solve_triangular = wrapped["triangular solves"]
         torch.set_num_threads(threads)
     solver = sum(v for k, v in spent.items() if k.startswith("solver"))

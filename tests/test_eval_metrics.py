@@ -80,6 +80,11 @@ def test_summary_and_bootstrap_ci_agree_with_scipy():
     assert s["ci_high"] == pytest.approx(reference.high, abs=0.1 * spread)
     assert s["ci_low"] < s["mean"] < s["ci_high"]
     assert bootstrap_ci([0.6]) == (0.6, 0.6)
+    for confidence, resamples, seed in ((0.95, 10_000, 1), (0.8, 2_000, 7)):  # the settings reach scipy
+        same = scipy_stats.bootstrap((values,), np.mean, method="percentile", n_resamples=resamples,
+                                     confidence_level=confidence, rng=np.random.default_rng(seed)).confidence_interval
+        assert bootstrap_ci(values, confidence, resamples, seed) == pytest.approx((same.low, same.high), rel=1e-12)
+    assert (s["ci_low"], s["ci_high"]) == bootstrap_ci(values, seed=1)
 
 
 def test_paired_tests_match_scipy_and_handle_identical_pairs():

@@ -19,7 +19,8 @@ from threadpoolctl import threadpool_limits
 
 from _eval_fixtures import make_episodes, synthetic_features
 from cxrtune.errors import DataError, TaskError
-from cxrtune.evaluate.probe import ProbeConfig, fit_probes, solve_logistic
+from cxrtune.evaluate.logistic import solve_logistic
+from cxrtune.evaluate.probe import ProbeConfig, fit_probes
 
 CS = [0.01, 0.1, 1, 10, 100]
 
@@ -123,7 +124,7 @@ def test_probe_refuses_nan_features_and_tasks_without_test_positives(grid):
 
 def test_kernel_solver_matches_sklearn_from_inner_products_alone():
     """Several Cs per sample set, padding, singular Gram (duplicate rows, more rows than dims)."""
-    from cxrtune.evaluate.probe import solve_kernel_logistic
+    from cxrtune.evaluate.logistic import solve_kernel_logistic
 
     rng = np.random.default_rng(1)
     Cs = [0.01, 1.0, 100.0]
@@ -166,7 +167,7 @@ def test_probe_results_do_not_depend_on_chunking(grid):
 
 def test_newton_from_a_warm_start_with_hessian_reuse_matches_sklearn():
     """Any starting point, with or without reused factorisations: the same optimum as scikit-learn."""
-    from cxrtune.evaluate.probe import kernel_newton
+    from cxrtune.evaluate.logistic import kernel_newton
 
     rng = np.random.default_rng(2)
     P, N, C = 6, 12, 10.0
@@ -251,10 +252,10 @@ def test_workers_give_exactly_the_serial_results_and_restore_torch_threads(grid,
 
 
 def _fails_in_a_child(parent: int, how: str):
-    """A stand-in for _fit_group that fails only in a forked worker process."""
-    from cxrtune.evaluate import probe
+    """A stand-in for fit_episode_group that fails only in a forked worker process."""
+    from cxrtune.evaluate import probe_cv
 
-    real = probe._fit_group
+    real = probe_cv.fit_episode_group
 
     def fit_group(*args, **kwargs):
         if os.getpid() != parent:
@@ -269,10 +270,10 @@ def _fails_in_a_child(parent: int, how: str):
 
 @pytest.mark.parametrize("how", ["raise", "killed"])
 def test_a_failing_worker_process_fails_the_call_clearly_and_leaves_no_process(grid, monkeypatch, how):
-    from cxrtune.evaluate import probe
+    from cxrtune.evaluate import probe_cv
 
     episodes, features, x, row_of_id = grid
-    monkeypatch.setattr(probe, "_fit_group", _fails_in_a_child(os.getpid(), how))
+    monkeypatch.setattr(probe_cv, "fit_episode_group", _fails_in_a_child(os.getpid(), how))
     forked, fork = [], os.fork
 
     def recording_fork():
@@ -291,22 +292,21 @@ def test_a_failing_worker_process_fails_the_call_clearly_and_leaves_no_process(g
         with pytest.raises(DataError, match=r"ended without a result .*killed.*parallel='threads'"):
             fit_probes(features, episodes, row_of_id, config)
     monkeypatch.undo()
-    deadline = time.monotonic() + 10
-    while probe._UNREAPED and time.monotonic() < deadline:
-        probe._reap_finished()
-        time.sleep(0.05)
-    assert not probe._UNREAPED and len(forked) == 1
-    with pytest.raises(ChildProcessError):  # the worker process was collected: no zombie left
+    assert len(forked) == 1
+    # the worker process was collected before the call returned: no zombie, and no process left
+    with pytest.raises(ChildProcessError):
         os.waitpid(forked[0], os.WNOHANG)
+    with pytest.raises(ProcessLookupError):
+        os.kill(forked[0], 0)
 
 
 def test_piece_queue_hands_each_piece_to_exactly_one_worker_process_or_thread():
     """The workers' shared queue: forked processes and threads draw from it at once, every piece
     is taken once, and a slow worker simply takes fewer (the balance of the two cores)."""
-    from cxrtune.evaluate.probe import _PieceQueue
+    from cxrtune.evaluate.workers import PieceQueue
 
     n = 400
-    with _PieceQueue(n) as queue:
+    with PieceQueue(n) as queue:
         read, write = os.pipe()
         pid = os.fork()
         if pid == 0:  # a worker process: takes pieces slowly, reports them
@@ -339,33 +339,33 @@ def test_piece_queue_hands_each_piece_to_exactly_one_worker_process_or_thread():
     from cxrtune.errors import ConfigError
 
     with pytest.raises(ConfigError, match="20000 pieces of work are too many"):
-        _PieceQueue(20000)
+        PieceQueue(20000)
 
 
 def test_processes_are_refused_where_fork_is_missing_and_auto_stays_in_threads(grid, monkeypatch):
     from cxrtune.errors import ConfigError
-    from cxrtune.evaluate import probe
+    from cxrtune.evaluate import workers
 
     with pytest.raises(ConfigError, match="ProbeConfig.parallel = 'bogus'"):
         ProbeConfig(parallel="bogus")
-    monkeypatch.setattr(probe.sys, "platform", "darwin")
+    monkeypatch.setattr(workers.sys, "platform", "darwin")
     with pytest.raises(ConfigError, match="parallel = 'processes' needs os.fork on Linux; this is darwin"):
-        probe._use_processes("processes")
-    assert probe._use_processes("auto") is False
+        workers.use_processes("processes")
+    assert workers.use_processes("auto") is False
     monkeypatch.undo()
-    assert probe._use_processes("threads") is False
+    assert workers.use_processes("threads") is False
     if sys.platform.startswith("linux"):
-        assert probe._use_processes("processes") is True
+        assert workers.use_processes("processes") is True
         # another Python thread running (a Ray worker, a server): auto does not fork
         release = threading.Event()
         other = threading.Thread(target=release.wait)
         other.start()
         try:
-            assert probe._use_processes("auto") is False
+            assert workers.use_processes("auto") is False
         finally:
             release.set()
             other.join()
-        assert probe._use_processes("auto") is (threading.active_count() == 1)
+        assert workers.use_processes("auto") is (threading.active_count() == 1)
 
 
 def test_workers_must_be_a_positive_count():
@@ -377,7 +377,7 @@ def test_workers_must_be_a_positive_count():
 
 
 def test_fold_blocks_by_runs_equal_fancy_indexing():
-    from cxrtune.evaluate.probe import _copy_block
+    from cxrtune.evaluate.probe_cv import _copy_block
 
     rng = np.random.default_rng(3)
     source = torch.from_numpy(rng.normal(size=(4, 30, 30)))
@@ -393,7 +393,7 @@ def test_fold_blocks_by_runs_equal_fancy_indexing():
 
 def test_unordered_Cs_still_choose_the_converged_sklearn_C(grid):
     """The C-path start extrapolates only along increasing Cs; any order gives sklearn's choice."""
-    from cxrtune.evaluate.probe import _path_extrapolation
+    from cxrtune.evaluate.probe_cv import _path_extrapolation
 
     assert _path_extrapolation(CS, 1) == 0.0 and _path_extrapolation(CS, 2) == pytest.approx(1.0)
     assert _path_extrapolation([1, 10, 1000], 2) == 2.0  # capped

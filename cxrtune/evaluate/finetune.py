@@ -32,10 +32,10 @@ from torch import nn
 from cxrtune.augment import AugmentConfig, BatchAugment
 from cxrtune.config import Config, param
 from cxrtune.device import resolve_device
+from cxrtune.evaluate.episodes import episode_arrays
 from cxrtune.evaluate.features import image_array
 from cxrtune.evaluate.metrics import accuracy, auroc, f1
 from cxrtune.evaluate.preprocess import PreprocessConfig, preprocess
-from cxrtune.evaluate.probe import _episode_arrays
 from cxrtune.models.backbone import Backbone
 
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "head")
@@ -185,7 +185,7 @@ def finetune_episodes(backbone: Backbone, images: Any, episodes: pd.DataFrame, r
                       progress: bool = False) -> pd.DataFrame:
     """Finetune every episode (one fresh copy of the backbone each); one row per episode."""
     config = config or FinetuneConfig()
-    arrays = _episode_arrays(episodes, row_of_id)
+    arrays = episode_arrays(episodes, row_of_id)
     rows = []
     iterator = zip(episodes.itertuples(index=False), arrays)
     if progress:

@@ -16,9 +16,10 @@ import pandas as pd
 import torch
 
 from cxrtune.config import Config, param
-from cxrtune.evaluate.metrics import batched_accuracy, batched_auroc, batched_f1
 from cxrtune.device import resolve_device
-from cxrtune.evaluate.probe import _episode_arrays, normalize_features
+from cxrtune.evaluate.episodes import episode_arrays
+from cxrtune.evaluate.metrics import batched_accuracy, batched_auroc, batched_f1
+from cxrtune.evaluate.probe import normalize_features
 
 
 @dataclasses.dataclass
@@ -35,7 +36,7 @@ def knn_scores(features, episodes: pd.DataFrame, row_of_id: Mapping[str, int],
     config = config or KnnConfig()
     device = resolve_device(config.device)
     x = normalize_features(features).to(device)
-    arrays = _episode_arrays(episodes, row_of_id)
+    arrays = episode_arrays(episodes, row_of_id)
     out: list[dict | None] = [None] * len(arrays)
     by_size: dict[int, list[int]] = {}
     for e, a in enumerate(arrays):

@@ -1,16 +1,17 @@
 """Per-episode scores: AUROC (the study's metric), accuracy and F1.
 
-AUROC is the Mann-Whitney statistic computed from average ranks, so tied scores count one half,
-exactly as ``sklearn.metrics.roc_auc_score`` does. Each metric exists twice: a NumPy version for
-one episode and a batched torch version for many padded episodes at once (the probe grid scores
-hundreds of episodes in one call, on whatever device the probe ran on).
+Each metric exists twice: for one episode, scikit-learn's (``roc_auc_score``, ``accuracy_score``,
+``f1_score``) behind this study's input checks; and a batched torch version for many padded
+episodes at once (the probe grid scores hundreds of episodes in one call, on whatever device the
+probe ran on). The batched AUROC is the Mann-Whitney statistic computed from average ranks, so
+tied scores count one half, exactly as ``roc_auc_score`` does.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
+from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
 from cxrtune.errors import TaskError
 
@@ -36,16 +37,11 @@ def auroc(labels, scores, what: str = "auroc") -> float:
     labels = np.asarray(labels).astype(np.int64).ravel()
     scores = np.asarray(scores, dtype=np.float64).ravel()
     _check_binary(labels, scores, what)
-    ranks = rankdata(scores, method="average")
-    n_pos = int(labels.sum())
-    n_neg = labels.size - n_pos
-    return float((ranks[labels == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(roc_auc_score(labels, scores))
 
 
 def accuracy(labels, predictions) -> float:
-    labels = np.asarray(labels).ravel()
-    predictions = np.asarray(predictions).ravel()
-    return float((labels == predictions).mean())
+    return float(accuracy_score(np.asarray(labels).ravel(), np.asarray(predictions).ravel()))
 
 
 def f1(labels, predictions) -> float:
@@ -53,11 +49,11 @@ def f1(labels, predictions) -> float:
     ``zero_division=0``)."""
     labels = np.asarray(labels).astype(bool).ravel()
     predictions = np.asarray(predictions).astype(bool).ravel()
-    tp = int((labels & predictions).sum())
-    denominator = int(labels.sum() + predictions.sum())
-    return 2 * tp / denominator if denominator else 0.0
+    return float(f1_score(labels, predictions, pos_label=True, zero_division=0))
 
 
+# Not a loop of scikit-learn's functions: on 500 padded episodes of 40-80 test images, batched_auroc
+# took 5.9 ms and a loop of roc_auc_score 1.35 s (about 230x slower; one thread, the probe's hot path).
 def batched_auroc(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """AUROC of each row of ``scores`` (P, M); ``mask`` marks the valid entries of a padded row.
 

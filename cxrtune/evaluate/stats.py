@@ -24,17 +24,17 @@ DEFAULT_CONFIDENCE = 0.95
 
 def bootstrap_ci(values: Sequence[float], confidence: float = DEFAULT_CONFIDENCE,
                  resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> tuple[float, float]:
-    """Percentile-bootstrap interval of the mean; the same seed gives the same interval."""
+    """Percentile-bootstrap interval of the mean (``scipy.stats.bootstrap``); the same seed gives the
+    same interval."""
     values = np.asarray(values, dtype=np.float64)
     if values.size == 0:
         raise TaskError("bootstrap_ci: no values to summarise")
-    if values.size == 1:
+    if values.size == 1:  # scipy needs two values to resample; one value has no spread
         return float(values[0]), float(values[0])
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, values.size, size=(resamples, values.size))].mean(axis=1)
-    alpha = (1 - confidence) / 2
-    low, high = np.quantile(means, [alpha, 1 - alpha])
-    return float(low), float(high)
+    interval = scipy_stats.bootstrap((values,), np.mean, n_resamples=resamples, confidence_level=confidence,
+                                     method="percentile", vectorized=True,
+                                     rng=np.random.default_rng(seed)).confidence_interval
+    return float(interval.low), float(interval.high)
 
 
 def summarize(values: Sequence[float], confidence: float = DEFAULT_CONFIDENCE,
