@@ -95,7 +95,7 @@ def test_a_broken_box_file_is_refused_with_its_row(tmp_path):
 
 
 def test_the_box_file_is_found_in_the_nih_root_the_cache_was_built_from(tmp_path):
-    from analysis.report import _default_boxes
+    from analysis.sections import default_boxes as _default_boxes
 
     cache = FakeCache(tmp_path, pd.DataFrame({"image_id": ["a.png"]}), 16)
     cache.report = {"source": {"source": "nih", "root": str(tmp_path)}}

@@ -89,9 +89,29 @@ def test_every_section_renders_and_study_numbers_equal_the_parquet(tmp_path):
     assert csv.iloc[0].astype(str).tolist() == rows[1]
     markdown = (report.folder / "report.md").read_text()
     assert rows[1][3] in markdown and "## Study tables and shot curves" in markdown
+    assert "\nBest trial 0002abcd: " in markdown  # the explanations too, not only the tables
+    assert {p.stem for p in (report.folder / "figures").glob("*.png")} >= {"shot_curves", "disease_heatmap", "cost"}
     # importance ranks the parameter the objective depends on first
     importance = _tables(html)["importance"]
     assert importance[1][0] == "optim.lr"
+
+
+def test_the_page_escapes_every_text_and_prints_each_cell_as_it_is():
+    import re
+
+    from analysis.document import Note, Paragraph, Section, Table
+    from analysis.webpage import page
+
+    frame = pd.DataFrame({"name <b>": ["moco_variance", "<script>x</script>"], "p": ["<0.001", "0.50 [0.4, 0.6]"]})
+    sections = [Section("s", "S <i>", [Note("<script>alert(1)</script>", warn=True), Paragraph("x < y & z"),
+                                       Table("t", frame, "T")])]
+    html = page("a & b", "meta", sections, {"moco_variance": "#0072B2"})
+    assert "<script" not in html and "<i>" not in html and "<b>" not in html
+    assert "<title>a &amp; b</title>" in html and "<p>x &lt; y &amp; z</p>" in html
+    assert _tables(html)["t"] == [["name <b>", "p"], ["moco_variance", "<0.001"],
+                                  ["<script>x</script>", "0.50 [0.4, 0.6]"]]
+    assert '<td class="text"><span class="swatch" style="background:#0072B2"></span>moco_variance</td>' in html
+    assert re.search(r"<td>&lt;0\.001</td>", html) and '<div class="warn">' in html  # numbers right-aligned
 
 
 def test_search_health_and_cost_show_each_trial_and_the_totals(tmp_path):
@@ -109,6 +129,19 @@ def test_search_health_and_cost_show_each_trial_and_the_totals(tmp_path):
     assert [r[1] for r in trials[1:]] == ["completed", "collapsed", "completed"]
     html = report.html.read_text()
     assert "No Optuna study (optuna.db) in the sweep folder" in html
+
+
+def test_the_localisation_switch_leaves_the_section_out_and_gradcam_off_keeps_it_with_a_note(tmp_path):
+    sweep_folder(tmp_path / "runs")
+    report = build_report("moco_variance", tmp_path / "runs", config=ReportConfig(localisation=False),
+                          progress=lambda *_: None)
+    html = report.html.read_text()
+    assert 'id="localisation"' not in html and "Localisation" not in (report.folder / "report.md").read_text()
+    assert [a for a in SECTIONS if f'<section id="{a}">' in html] == [a for a in SECTIONS if a != "localisation"]
+    report = build_report("moco_variance", tmp_path / "runs", config=CONFIG, progress=lambda *_: None)
+    html = report.html.read_text()
+    assert '<div class="note">Grad-CAM was switched off (--no-gradcam).</div>' in html
+    assert "## Localisation (Grad-CAM)" in (report.folder / "report.md").read_text()
 
 
 def test_too_few_trials_for_importance_get_a_note(tmp_path):

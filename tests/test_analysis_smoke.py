@@ -4,6 +4,7 @@ sweep and MLflow store under tmp_path)."""
 from __future__ import annotations
 
 import importlib.util
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -35,7 +36,7 @@ def smoke(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_report_and_compare_on_a_smoke_sweep(smoke):
+def test_report_and_compare_on_a_smoke_sweep(smoke, capsys):
     from analysis.compare import compare
     from analysis.gradcam import GradcamConfig
     from analysis.report import ReportConfig, build_report
@@ -45,7 +46,10 @@ def test_report_and_compare_on_a_smoke_sweep(smoke):
     findings = ("pulmonary mass", "interstitial pattern")
     config = ReportConfig(tracking_uri=uri, cam=GradcamConfig(input_size=64, max_images=2, max_train_negatives=40,
                                                               findings=findings))
+    start = time.perf_counter()
     report = build_report("moco_variance", runs, config=config, progress=lambda *_: None)
+    with capsys.disabled():
+        print(f"\nbuild_report on the smoke sweep, with Grad-CAM: {time.perf_counter() - start:.1f} s")
     html = report.html.read_text()
     assert "still running" not in html
     for anchor in ("status", "study", "search", "health", "localisation", "cost"):
@@ -71,3 +75,27 @@ def test_report_and_compare_on_a_smoke_sweep(smoke):
     assert list(table["kind"]) == ["sweep best", "random init", "checkpoint"]
     for column in [c for c in table.columns if c.endswith("AUROC [95% CI]")]:
         assert table.loc[2, column] == table.loc[0, column]
+
+
+@pytest.mark.slow
+def test_the_end_of_sweep_report_leaves_out_localisation_and_keeps_every_other_table(smoke, capsys):
+    from analysis.report import ReportConfig, build_report
+
+    path, uri = smoke
+    runs = path / "runs"
+    start = time.perf_counter()
+    report = build_report("moco_variance", runs, config=ReportConfig(localisation=False, tracking_uri=uri),
+                          progress=lambda *_: None)
+    seconds = time.perf_counter() - start
+    with capsys.disabled():
+        print(f"\nbuild_report on the smoke sweep, without the localisation section: {seconds:.1f} s")
+    html = report.html.read_text()
+    assert 'id="localisation"' not in html and "Grad-CAM" not in html
+    for anchor in ("status", "study", "search", "health", "cost"):
+        assert f'<section id="{anchor}">' in html and f'<a href="#{anchor}">' in html
+    tables = {p.stem for p in (report.folder / "tables").glob("*.csv")}
+    assert tables == {"status_counts", "trials", "cost", "cost_total"}
+    figures = {p.stem for p in (report.folder / "figures").glob("*.png")}
+    assert figures == {"search_progress", "objective_vs_params", "training_health", "cost"}
+    assert html.count("data:image/png;base64,") == len(figures)
+    assert report.mlflow_run is not None
