@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -24,6 +23,8 @@ import pandas as pd
 from analysis.tables import fmt, to_markdown
 from cxrtune.errors import CxrtuneError
 from cxrtune.evaluate.stats import bootstrap_ci
+from cxrtune.sweepfolder import BACKBONE_FILE, EPISODES_FILE, PROBE_RESULTS, SweepFolder, initial_results
+from cxrtune.tune_files import read_params
 
 EPISODE_KEY = ["disease", "shots", "trial"]
 
@@ -43,7 +44,7 @@ class Entry:
 
 def _as_sweep_folder(arg: str, storage: Path) -> Path | None:
     for candidate in (Path(arg), storage / arg):
-        if candidate.is_dir() and (candidate / "episodes.parquet").is_file():
+        if candidate.is_dir() and (candidate / EPISODES_FILE).is_file():
             return candidate
     return None
 
@@ -52,29 +53,28 @@ def _as_checkpoint(arg: str) -> Path | None:
     path = Path(arg)
     if path.is_file():
         return path
-    if path.is_dir() and (path / "backbone.pt").is_file():
-        return path / "backbone.pt"
+    if path.is_dir() and (path / BACKBONE_FILE).is_file():
+        return path / BACKBONE_FILE
     return None
 
 
 def sweep_entries(folder: Path) -> list[Entry]:
-    from analysis.localise import best_checkpoint_dir, initial_results
     from analysis.sweep_folder import load_sweep
 
     sweep = load_sweep(folder.name, folder.parent)
-    best = best_checkpoint_dir(folder, sweep.objective)
+    best = SweepFolder(folder).chosen_checkpoint(sweep.objective)
     if best is None:
         raise CompareError(f"sweep {folder}: no checkpoint folder on disk whose report has {sweep.objective!r} "
                            "(and no export/metrics.json); has a trial finished an epoch?")
-    best_table = best / "probe_results.parquet"
+    best_table = best / PROBE_RESULTS
     initial = initial_results(best)
     for path, what in ((best_table, "the best checkpoint's probe results"), (initial, "random init's probe results")):
         if not path.is_file():
             raise CompareError(f"sweep {folder}: {what} ({path}) are missing")
-    arch = json.loads((best.parent / "params.json").read_text()).get("model.arch", "resnet18")
-    return [Entry(folder.name, "sweep best", str(best), pd.read_parquet(best_table), folder / "episodes.parquet"),
-            Entry(f"{folder.name}: random-{arch}", "random init", str(initial), pd.read_parquet(initial),
-                  folder / "episodes.parquet")]
+    arch = read_params(best.parent).get("model.arch", "resnet18")
+    episodes = SweepFolder(folder).episodes
+    return [Entry(folder.name, "sweep best", str(best), pd.read_parquet(best_table), episodes),
+            Entry(f"{folder.name}: random-{arch}", "random init", str(initial), pd.read_parquet(initial), episodes)]
 
 
 def check_same_episodes(paths: list[tuple[str, Path]]) -> pd.DataFrame:
@@ -157,16 +157,16 @@ def compare(args_runs: list[str], storage: str | Path = "./cxrtune-runs", episod
 
         episodes_path = named[0][1]
         shared = shared if shared is not None else load_episodes(episodes_path)
-        from cxrtune.sweepstate import read_inputs
-
-        params = ({**json.loads(next(p for p in sweeps[0].glob("*/params.json")).read_text()),
-                   **read_inputs(sweeps[0])} if sweeps else {})
+        first = SweepFolder(sweeps[0]) if sweeps else None
+        params = {**read_params(first.trial_dirs()[0]), **first.read_inputs()} if first and first.trial_dirs() else {}
         cache_path = Path(cache) if cache else Path(params.get("trial.eval_cache") or params.get("trial.cache", ""))
         if not cache_path.is_dir():
             raise CompareError(f"image cache {cache_path} does not exist: pass --cache FOLDER (the cache the "
                                "episodes' images are in)")
-        size = input_size or int(params.get("trial.probe_input_size", 224))
-        crop = float(params.get("trial.probe_crop_fraction", crop_fraction)) if params else crop_fraction
+        # probe.* keys since the in-loop probe became config; trial.probe_* in older sweeps
+        size = input_size or int(params.get("probe.input_size", params.get("trial.probe_input_size", 224)))
+        crop = (float(params.get("probe.crop_fraction", params.get("trial.probe_crop_fraction", crop_fraction)))
+                if params else crop_fraction)
         for path in checkpoints:
             entries.append(checkpoint_entry(path, shared, episodes_path, cache_path, size, crop))
     return side_by_side(entries)

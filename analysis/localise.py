@@ -11,7 +11,6 @@ region, and each heatmap is scored by :mod:`analysis.localisation`.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from analysis.ground_truth import GroundTruth
 from analysis.localisation import score_images, summarise_scores
 from cxrtune.errors import CxrtuneError
 from cxrtune.evaluate.features import ExtractConfig, extract_features
+from cxrtune.sweepfolder import BACKBONE_FILE, SweepFolder, initial_results  # noqa: F401  (initial_results re-exported)
 
 
 @dataclasses.dataclass
@@ -43,34 +43,14 @@ class Localisation:
 
 
 def best_checkpoint_dir(folder: Path, objective: str | None) -> Path | None:
-    """The checkpoint folder of the sweep's best report: the export's source (its metrics.json),
-    else the checkpoint folder on disk whose report has the highest ``objective``."""
-    from cxrtune.errors import CxrtuneError
-    from cxrtune.export import best_report
-
-    metrics = folder / "export" / "metrics.json"
-    if metrics.is_file():
-        path = Path(json.loads(metrics.read_text()).get("checkpoint", ""))
-        if path.is_dir():
-            return path
-    if not objective:
-        return None
-    try:
-        return best_report(folder, objective, "max").checkpoint.parent  # the export's definition
-    except CxrtuneError:
-        return None
-
-
-def initial_results(checkpoint_dir: Path) -> Path:
-    """Random init's probe table of a trial: carried in the checkpoint, else in the trial's work folder."""
-    carried = checkpoint_dir / "initial_probe_results.parquet"
-    return carried if carried.is_file() else checkpoint_dir.parent / "work" / "initial_probe_results.parquet"
+    """The checkpoint folder the sweep's report shows (:meth:`SweepFolder.chosen_checkpoint`)."""
+    return SweepFolder(folder).chosen_checkpoint(objective)
 
 
 def best_checkpoint(folder: Path, objective: str | None) -> Path | None:
     """The best checkpoint's backbone file, when it is on disk."""
     found = best_checkpoint_dir(folder, objective)
-    return found / "backbone.pt" if found is not None and (found / "backbone.pt").is_file() else None
+    return found / BACKBONE_FILE if found is not None and (found / BACKBONE_FILE).is_file() else None
 
 
 def sweep_backbones(folder: Path, objective: str | None, params: dict[str, Any],

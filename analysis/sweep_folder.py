@@ -1,27 +1,13 @@
-"""Read a sweep folder as Tune, the driver and Optuna left it: trials, per-epoch history, cost.
+"""The tables a report shows of one sweep folder: trials, per-epoch history, search and cost.
 
-Layout (see :mod:`cxrtune.sweep.cli` and :mod:`cxrtune.export`)::
-
-    <storage>/<sweep>/
-        <trainable>_<trial id>/params.json, result.json (one JSON per report),
-                               checkpoint_*/probe_results.parquet, work/initial_probe_results.parquet
-        experiment_state-*.json   Tune's state: each trial's status and resources
-        optuna.db                 the Optuna study (pretraining sweeps)
-        episodes.parquet          the validation episodes every trial saw
-        trials.csv                written by the driver when the sweep ends
-        results.parquet           the tidy few-shot table (few-shot sweeps)
-
-Nothing here imports Ray: Tune's pickled resource requests are read with an unpickler that builds
-inert stand-ins instead of Ray's classes (and so can run no code from the file).
+Where each file lives is :mod:`cxrtune.sweepfolder`; Tune's own files are read through
+:mod:`cxrtune.tune_files` (no Ray import).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
 import math
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +15,9 @@ import numpy as np
 import pandas as pd
 
 from cxrtune.errors import DataError
-from cxrtune.export import read_results, trial_dirs
+from cxrtune.sweepfolder import OPTUNA_FILE, RESULTS_TABLE, TRIALS_TABLE
+from cxrtune.tune_files import (experiment_state, orphan_trial_dirs, read_params, read_results, trial_dirs,
+                                trial_id as _trial_id)
 
 TERMINAL = ("completed", "pruned", "collapsed", "diverged", "errored")
 #: Per-epoch keys a pretraining trial reports (``cxrtune.engine``); kept in the history table.
@@ -58,62 +46,6 @@ class SweepFolder:
     study: Any = None  # optuna.Study or None
 
 
-# -- Tune's experiment state ----------------------------------------------------------------------
-class _Inert:
-    """Stand-in for any class named in a pickle: keeps the state, runs nothing."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.args = args
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-
-class _InertUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):  # noqa: D401 - pickle API
-        if module == "builtins" and name in ("dict", "list", "tuple", "set", "frozenset"):
-            return getattr(__import__("builtins"), name)
-        return type(name, (_Inert,), {"__module__": module})
-
-
-def _resources(hex_pickle: str | None) -> dict[str, float]:
-    """{"CPU": 1.0, "GPU": 0.25} from a trial's pickled placement-group factory, {} if unreadable."""
-    if not hex_pickle:
-        return {}
-    try:
-        obj = _InertUnpickler(io.BytesIO(bytes.fromhex(hex_pickle))).load()
-        bundles = obj.state.get("_bundles") or []
-    except Exception:
-        return {}
-    total: dict[str, float] = {}
-    for bundle in bundles:
-        for key, value in dict(bundle).items():
-            total[key] = total.get(key, 0.0) + float(value)
-    return total
-
-
-def experiment_state(folder: Path) -> dict[str, dict[str, Any]]:
-    """trial id -> {"tune_status": RUNNING | TERMINATED | ERROR | PENDING ..., "cpu":, "gpu":}."""
-    files = sorted(folder.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
-    if not files:
-        return {}
-    try:
-        data = json.loads(files[-1].read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    out = {}
-    for entry in data.get("trial_data", []):
-        raw = entry[0] if isinstance(entry, list) else entry
-        try:
-            trial = json.loads(raw) if isinstance(raw, str) else dict(raw)
-        except (TypeError, json.JSONDecodeError):
-            continue
-        resources = _resources(trial.get("placement_group_factory"))
-        out[str(trial.get("trial_id"))] = {"tune_status": trial.get("status"), "cpu": resources.get("CPU", math.nan),
-                                           "gpu": resources.get("GPU", 0.0)}
-    return out
-
-
 # -- trials -----------------------------------------------------------------------------------------
 def infer_status(last: dict[str, Any] | None, tune_status: str | None) -> str:
     """A trial's cxrtune status (architecture.md) from its last report and Tune's status;
@@ -127,12 +59,6 @@ def infer_status(last: dict[str, Any] | None, tune_status: str | None) -> str:
     if tune_status in ("RUNNING", "PENDING", "PAUSED") or (tune_status is None and not last.get("done")):
         return "running"
     return "pruned"
-
-
-def _trial_id(trial_dir: Path, results: list[dict[str, Any]]) -> str:
-    if results and results[-1].get("trial_id"):
-        return str(results[-1]["trial_id"])
-    return trial_dir.name.rsplit("_", 1)[-1]
 
 
 def guess_objective(history: pd.DataFrame, trials_csv: pd.DataFrame | None) -> str | None:
@@ -161,8 +87,7 @@ def load_sweep(name: str, storage: str | Path = "./cxrtune-runs", results: list[
         raise SweepFolderError(f"sweep {name!r}: folder {folder} does not exist; sweeps in {storage}: "
                                f"{', '.join(known) or 'none'}")
     dirs = trial_dirs(folder)
-    orphans = sorted(p.name for p in folder.iterdir() if p.is_dir() and (p / "result.json").is_file()
-                     and not (p / "params.json").is_file())
+    orphans = orphan_trial_dirs(folder)
     if orphans:
         raise SweepFolderError(f"sweep folder {folder}: trial folder {orphans[0]} (and {len(orphans) - 1} more) has "
                                "result.json but no params.json; Tune writes both, so the folder was copied only in part")
@@ -171,14 +96,14 @@ def load_sweep(name: str, storage: str | Path = "./cxrtune-runs", results: list[
     for path in results_paths:
         if not path.is_file():
             raise SweepFolderError(f"--results {path} does not exist")
-    if (folder / "results.parquet").is_file():
-        results_paths.insert(0, folder / "results.parquet")
+    if (folder / RESULTS_TABLE).is_file():
+        results_paths.insert(0, folder / RESULTS_TABLE)
     if not dirs and not state and not results_paths:
         raise SweepFolderError(
             f"sweep folder {folder} holds no trial folder (*/params.json), no Tune state "
             "(experiment_state-*.json) and no results.parquet: it is not a sweep folder, or the sweep was "
             "interrupted before it started a trial")
-    trials_csv = pd.read_csv(folder / "trials.csv", dtype={"trial": str}) if (folder / "trials.csv").is_file() else None
+    trials_csv = pd.read_csv(folder / TRIALS_TABLE, dtype={"trial": str}) if (folder / TRIALS_TABLE).is_file() else None
     if trials_csv is not None:
         present = {_trial_id(d, read_results(d)[-1:]) for d in dirs}
         lost = [t for t in trials_csv["trial"].astype(str) if t not in present]
@@ -191,7 +116,7 @@ def load_sweep(name: str, storage: str | Path = "./cxrtune-runs", results: list[
     for trial_dir in dirs:
         reports = read_results(trial_dir)
         trial_id = _trial_id(trial_dir, reports)
-        params = json.loads((trial_dir / "params.json").read_text())
+        params = read_params(trial_dir)
         info = state.get(trial_id, {})
         last = reports[-1] if reports else None
         status = infer_status(last, info.get("tune_status"))
@@ -256,7 +181,7 @@ def load_sweep(name: str, storage: str | Path = "./cxrtune-runs", results: list[
 
 def _optuna(folder: Path, name: str):
     """The sweep's Optuna study (or None) and the searched parameters with their ranges."""
-    path = folder / "optuna.db"
+    path = folder / OPTUNA_FILE
     if not path.is_file():
         return None, {}
     import optuna

@@ -23,9 +23,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cxrtune.augment import BatchAugment
-from cxrtune.engine.profiles import smoke, study
+from cxrtune.profiles import smoke, study
 from cxrtune.engine.train import build_optimizer
-from cxrtune.methods import Progress, build_method
+from cxrtune.methods import Progress, build_method, method_names
 from cxrtune.models.backbone import Backbone, build_backbone
 
 #: Dense bf16 peak TFLOP/s (vendor data sheets, no sparsity).
@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="smoke sizes (ResNet18, 32 px, batch 8): CI on CPU")
     parser.add_argument("--batch", type=int, default=None, help="override the study batch size")
-    parser.add_argument("--methods", default="moco,barlow,spark,dino")
+    parser.add_argument("--methods", default=",".join(method_names()), help="comma-separated (default: every registered method)")
     parser.add_argument("--compile", default="off,on", help="off, on or off,on")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)

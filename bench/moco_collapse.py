@@ -66,7 +66,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
 
-    from cxrtune.engine import pretrain, smoke
+    from cxrtune.engine import pretrain
+    from cxrtune.profiles import smoke
     from cxrtune.engine.monitors import CollapseMonitor
     from cxrtune.models.backbone import build_backbone
     from tests._engine_fixtures import homogeneous_images

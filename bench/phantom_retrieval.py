@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     recipe = None
     if args.recipe == "cpu":  # checked before anything is rendered
-        from cxrtune.engine.profiles import cpu
+        from cxrtune.profiles import cpu
 
         profile = cpu("moco")
         recipe, size = profile.augment, profile.train.image_size

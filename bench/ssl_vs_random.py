@@ -41,7 +41,9 @@ import torch  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--method", default="moco", choices=("moco", "barlow", "spark", "dino"))
+    from cxrtune.methods import method_names
+
+    ap.add_argument("--method", default="moco", choices=method_names())
     ap.add_argument("--minutes", type=float, default=50.0, help="pretraining time limit")
     ap.add_argument("--epochs", type=int, default=26, help="epochs: the cosine schedule spans them (26 fit 50 minutes at 64 px on 2 cores)")
     ap.add_argument("--size", type=int, default=64, help="image side for pretraining and probing")
@@ -70,7 +72,7 @@ def main() -> None:
     from cxrtune.data.cache import get_cache
     from cxrtune.data.sources.base import make_source
     from cxrtune.data.tasks import sample_episodes, save_episodes
-    from cxrtune.engine import profiles
+    from cxrtune.profiles import cpu
     from cxrtune.engine.train import pretrain
     from cxrtune.evaluate.stats import bootstrap_ci
     from cxrtune.models.backbone import build_backbone
@@ -85,7 +87,7 @@ def main() -> None:
     n_test = episodes.groupby("disease")["test_labels"].first().map(lambda y: (sum(y), len(y) - sum(y)))
     print(f"data: {len(cache)} images at {cache.size} px; test set per finding (pos, neg): {n_test.iloc[0]}")
 
-    config = profiles.profile("cpu", args.method).override({
+    config = cpu(args.method).override({
         "train.image_size": args.size, "train.epochs": args.epochs, "train.time_limit_minutes": args.minutes,
         "train.checkpoint_every": 5, **parse_options(args.set, "--set")})
     rows = pretrain_rows(cache, "pretrain")
@@ -119,11 +121,10 @@ def probe_pair(cache, episodes: pd.DataFrame, episodes_path: Path, size: int, ss
     """The tidy probe results of the SSL backbone and its random init on ``episodes`` (a
     ``backbone`` column tells them apart), through the sweeps' own judge: the same rows,
     preprocessing (the whole cached image at ``size``) and probe."""
-    from cxrtune.trial import ProbeJudge, TrialConfig
+    from cxrtune.resolve import InLoopProbeConfig
+    from cxrtune.trial import ProbeJudge
 
-    trial = TrialConfig(cache=str(cache.path), episodes=str(episodes_path), probe_input_size=size,
-                        probe_crop_fraction=1.0)
-    judge = ProbeJudge(cache, episodes, trial, "cpu")
+    judge = ProbeJudge(cache, episodes, InLoopProbeConfig(input_size=size, crop_fraction=1.0), "cpu")
     tables = []
     for name, model in (("ssl", ssl), ("random", random_init)):
         _, table = judge(model)

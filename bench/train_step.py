@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from cxrtune.augment import BatchAugment
-from cxrtune.engine.profiles import cpu
+from cxrtune.profiles import cpu
 from cxrtune.engine.train import build_optimizer
-from cxrtune.methods import Progress, build_method
+from cxrtune.methods import Progress, build_method, method_names
 from cxrtune.models.backbone import build_backbone
 
 
@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--arch", default="resnet18")
-    parser.add_argument("--methods", default="moco,barlow,spark,dino")
+    parser.add_argument("--methods", default=",".join(method_names()), help="comma-separated (default: every registered method)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     results = {}

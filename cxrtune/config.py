@@ -85,6 +85,23 @@ def _check_scalar(owner: str, name: str, value: Any, meta: Mapping[str, Any]) ->
         raise ConfigError(f"{owner}.{name} = {value!r} is out of range: use a value {_describe_range(meta)}")
 
 
+def _coerce_number(owner: str, name: str, value: Any, kind: type) -> int | float:
+    """An int field takes ints, integral floats and integer strings; a float field any number or
+    numeric string; neither takes a boolean."""
+    what = "an integer" if kind is int else "a number"
+    if not isinstance(value, bool):
+        if kind is int and isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, int) or (kind is float and isinstance(value, float)):
+            return kind(value)
+        if isinstance(value, str):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+    raise ConfigError(f"{owner}.{name} = {value!r} is not {what}")
+
+
 def _coerce(owner: str, name: str, value: Any, annotation: Any) -> Any:
     """Coerce values that arrive from CLIs, JSON or Ray Tune to the field's declared type."""
     origin = typing.get_origin(annotation)
@@ -104,30 +121,8 @@ def _coerce(owner: str, name: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
         raise ConfigError(f"{owner}.{name} = {value!r} is not a boolean: use true or false")
-    if annotation is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{owner}.{name} = {value!r} is not an integer")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{owner}.{name} = {value!r} is not an integer")
-    if annotation is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{owner}.{name} = {value!r} is not a number")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{owner}.{name} = {value!r} is not a number")
+    if annotation in (int, float):
+        return _coerce_number(owner, name, value, annotation)
     if annotation is str:
         if not isinstance(value, str):
             raise ConfigError(f"{owner}.{name} = {value!r} is not a string")

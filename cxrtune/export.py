@@ -1,10 +1,7 @@
 """Export the best trial of a sweep as a torchvision-compatible backbone.
 
-Reads the sweep folder that Ray Tune wrote (no Ray import): each trial folder holds
-``params.json``, ``result.json`` (one JSON result per line, naming the checkpoint it saved) and
-``checkpoint_NNNNNN/backbone.pt`` (written by the trainables with
-:func:`cxrtune.models.backbone.save_backbone`). The best checkpoint is the one whose reported
-``metric`` is best over every trial and report.
+The checkpoint is the sweep's best for ``metric`` as :mod:`cxrtune.sweepfolder` defines it (the
+best report whose checkpoint is still on disk), read without importing Ray.
 
 Output folder (default ``<sweep>/export/``):
 
@@ -40,7 +37,6 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +44,9 @@ import torch
 
 from cxrtune.errors import CxrtuneError
 from cxrtune.models.backbone import adapt_first_conv, load_backbone
-
-BACKBONE_FILE = "backbone.pt"
+from cxrtune.sweepfolder import (BACKBONE_FILE, EPISODES_FILE, EXPORT_DIR, OPTUNA_FILE, RESULTS_TABLE, TRIALS_TABLE,
+                                 Checkpoint, SweepFolder)
+from cxrtune.tune_files import TUNER_FILE, read_results, trial_dirs
 #: Written into every export; only a folder holding it (or a pre-marker export, below) is replaced by ``force``.
 MARKER_FILE = ".cxrtune-export"
 MARKER_FORMAT = "cxrtune-export"
@@ -57,70 +54,7 @@ MARKER_VERSION = 1
 #: What an export holds besides the marker. Exports from before the marker hold exactly these.
 EXPORT_FILES = frozenset({BACKBONE_FILE, "config.json", "metrics.json", "MODEL_CARD.md"})
 #: Names that mark a sweep folder (beside trial folders with params.json).
-SWEEP_SIGNS = ("optuna.db", "tuner.pkl", "trials.csv", "results.parquet", "episodes.parquet")
-
-
-@dataclass
-class TrialReport:
-    trial_id: str
-    trial_dir: Path
-    config: dict[str, Any]
-    result: dict[str, Any]
-    checkpoint: Path | None
-
-
-def read_results(trial_dir: Path) -> list[dict[str, Any]]:
-    path = trial_dir / "result.json"
-    if not path.is_file():
-        return []
-    results = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                results.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut off by a crash
-    return results
-
-
-def trial_dirs(sweep_folder: Path) -> list[Path]:
-    return sorted(p for p in sweep_folder.iterdir() if p.is_dir() and (p / "params.json").is_file())
-
-
-def candidate_reports(sweep_folder: Path, metric: str) -> list[TrialReport]:
-    """Every report that has ``metric`` and a checkpoint still on disk."""
-    reports = []
-    for trial_dir in trial_dirs(sweep_folder):
-        config = json.loads((trial_dir / "params.json").read_text())
-        for result in read_results(trial_dir):
-            value = result.get(metric)
-            name = result.get("checkpoint_dir_name")
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or not name:
-                continue
-            ckpt = trial_dir / name / BACKBONE_FILE
-            if ckpt.is_file():
-                reports.append(TrialReport(str(result.get("trial_id", trial_dir.name)), trial_dir, config,
-                                           result, ckpt))
-    return reports
-
-
-def best_report(sweep_folder: str | Path, metric: str, mode: str = "max") -> TrialReport:
-    sweep_folder = Path(sweep_folder)
-    if not sweep_folder.is_dir():
-        raise CxrtuneError(f"sweep folder {sweep_folder} does not exist; run the sweep first or pass --storage")
-    if mode not in ("max", "min"):
-        raise CxrtuneError(f"mode = {mode!r}: use max or min")
-    reports = candidate_reports(sweep_folder, metric)
-    if not reports:
-        available = sorted({k for d in trial_dirs(sweep_folder) for r in read_results(d)[-1:] for k in r
-                            if isinstance(r.get(k), (int, float))})
-        raise CxrtuneError(
-            f"no checkpoint in {sweep_folder} has a reported {metric!r}; "
-            f"metrics reported there: {', '.join(available) or 'none'}"
-        )
-    pick = max if mode == "max" else min
-    return pick(reports, key=lambda r: r.result[metric])
+SWEEP_SIGNS = (OPTUNA_FILE, TUNER_FILE, TRIALS_TABLE, RESULTS_TABLE, EPISODES_FILE)
 
 
 def torchvision_state_dict(checkpoint: Path, channels: int = 3) -> tuple[dict[str, torch.Tensor], str]:
@@ -142,7 +76,7 @@ def read_marker(folder: Path) -> dict[str, Any] | None:
 def _sweep_signs(folder: Path) -> list[str]:
     signs = [name for name in SWEEP_SIGNS if (folder / name).exists()]
     signs += sorted(p.name for p in folder.glob("experiment_state-*.json"))[:1]
-    trials = [p.name for p in folder.iterdir() if p.is_dir() and (p / "params.json").is_file()]
+    trials = [p.name for p in trial_dirs(folder)]
     if trials:
         signs.append(f"{len(trials)} trial folder(s) such as {sorted(trials)[0]}/")
     return signs
@@ -214,24 +148,24 @@ def export_best(sweep_folder: str | Path, metric: str, mode: str = "max", out: s
     beside it and swapped in, so a failure leaves the old one intact.
     """
     sweep_folder = Path(sweep_folder)
-    out = Path(out) if out else sweep_folder / "export"
+    out = Path(out) if out else sweep_folder / EXPORT_DIR
     if channels not in (1, 3):
         raise CxrtuneError(f"channels = {channels}: use 1 or 3")
     check_export_target(out, force, sweep_folder)
-    report = best_report(sweep_folder, metric, mode)
-    state, arch = torchvision_state_dict(report.checkpoint, channels)
-    final = read_results(report.trial_dir)[-1]
+    best = SweepFolder(sweep_folder).best_checkpoint(metric, mode)
+    state, arch = torchvision_state_dict(best.backbone, channels)
+    final = read_results(best.trial_dir)[-1]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
     try:
         torch.save(state, tmp / BACKBONE_FILE)
-        (tmp / "config.json").write_text(json.dumps(report.config, indent=2, sort_keys=True, default=str))
-        metrics = {"selected_by": {"metric": metric, "mode": mode, "value": report.result[metric]},
-                   "selected_report": _plain(report.result), "final_report": _plain(final),
-                   "trial_id": report.trial_id, "checkpoint": str(report.checkpoint.parent)}
+        (tmp / "config.json").write_text(json.dumps(best.config, indent=2, sort_keys=True, default=str))
+        metrics = {"selected_by": {"metric": metric, "mode": mode, "value": best.report[metric]},
+                   "selected_report": _plain(best.report), "final_report": _plain(final),
+                   "trial_id": best.trial_id, "checkpoint": str(best.folder)}
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str))
-        (tmp / "MODEL_CARD.md").write_text(model_card(report, arch, metric, channels))
-        (tmp / MARKER_FILE).write_text(json.dumps(_marker(sweep_folder, report, metric, mode, arch, channels),
+        (tmp / "MODEL_CARD.md").write_text(model_card(best, arch, metric, channels))
+        (tmp / MARKER_FILE).write_text(json.dumps(_marker(sweep_folder, best, metric, mode, arch, channels),
                                                   indent=2, sort_keys=True, default=str))
         # Checked again: the folder may have changed while the checkpoint was read.
         check_export_target(out, force, sweep_folder)
@@ -242,14 +176,14 @@ def export_best(sweep_folder: str | Path, metric: str, mode: str = "max", out: s
     return out
 
 
-def _marker(sweep_folder: Path, report: TrialReport, metric: str, mode: str, arch: str,
+def _marker(sweep_folder: Path, best: Checkpoint, metric: str, mode: str, arch: str,
             channels: int) -> dict[str, Any]:
     from cxrtune import __version__
 
     return {"format": MARKER_FORMAT, "version": MARKER_VERSION, "cxrtune_version": __version__,
-            "sweep_folder": str(sweep_folder.resolve()), "trial_id": report.trial_id,
-            "checkpoint": str(report.checkpoint.parent.resolve()), "metric": metric, "mode": mode,
-            "value": report.result[metric], "arch": arch, "channels": channels,
+            "sweep_folder": str(sweep_folder.resolve()), "trial_id": best.trial_id,
+            "checkpoint": str(best.folder.resolve()), "metric": metric, "mode": mode,
+            "value": best.report[metric], "arch": arch, "channels": channels,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -274,15 +208,15 @@ def _plain(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k != "config"}
 
 
-def model_card(report: TrialReport, arch: str, metric: str, channels: int) -> str:
-    config = report.config
+def model_card(best: Checkpoint, arch: str, metric: str, channels: int) -> str:
+    config = best.config
     method = config.get("method", "unknown")
     lines = [
         f"# cxrtune backbone: {method} {arch}",
         "",
-        f"- trial: `{report.trial_id}`, checkpoint `{report.checkpoint.parent.name}` "
-        f"(training iteration {report.result.get('training_iteration', '?')})",
-        f"- selected by `{metric}` = {report.result[metric]:.4f}",
+        f"- trial: `{best.trial_id}`, checkpoint `{best.folder.name}` "
+        f"(training iteration {best.report.get('training_iteration', '?')})",
+        f"- selected by `{metric}` = {best.report[metric]:.4f}",
         f"- input: {channels}-channel, greyscale radiographs scaled to [0, 1] then normalised with "
         "mean 0.4776 and std 0.2674" + (" (grey replicated to RGB)" if channels == 3 else ""),
         "- output: global-average-pooled features (set `model.fc = torch.nn.Identity()` before loading)",
@@ -294,7 +228,7 @@ def model_card(report: TrialReport, arch: str, metric: str, channels: int) -> st
     ]
     lines += [f"| `{k}` | `{v}` |" for k, v in sorted(config.items())]
     lines += ["", "## Metrics at the selected checkpoint", "", "| metric | value |", "|---|---|"]
-    for key, value in sorted(report.result.items()):
+    for key, value in sorted(best.report.items()):
         if isinstance(value, float) and not isinstance(value, bool):
             lines.append(f"| `{key}` | {value:.4f} |")
     lines += ["", "Intended use: research on few-shot detection of findings in chest radiographs. "

@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from cxrtune.errors import CxrtuneError
+from cxrtune.sweepfolder import HOLDER_FILE, INPUTS_FILE, LOCK_FILE, SWEEP_FILE, SweepFolder
 
-SWEEP_FILE = "sweep.json"
-LOCK_FILE = ".driver.lock"
-HOLDER_FILE = "driver.json"
-FORMAT = 1
+#: 2: a trial's config holds its method's block only and the in-loop probe's probe.* keys
+#: (format 1 sweeps carried every method's keys and trial.probe_*): a format 1 sweep is not resumed
+FORMAT = 2
 
 #: lock paths this process holds (a driver that calls run_sweep after taking the lock itself)
 _held: set[str] = set()
@@ -191,9 +191,6 @@ def hold_driver_lock(folder: str | os.PathLike) -> Iterator[None]:
 
 
 # -- fixed inputs -------------------------------------------------------------------------------
-INPUTS_FILE = "inputs.json"
-
-
 def write_inputs(folder: str | os.PathLike, inputs: Mapping[str, Any]) -> None:
     """The data a sweep's trials read (caches, episodes, source names): given to the trainable
     with ``tune.with_parameters``, not searched or logged as a trial's params, and kept here for
@@ -202,11 +199,7 @@ def write_inputs(folder: str | os.PathLike, inputs: Mapping[str, Any]) -> None:
 
 
 def read_inputs(folder: str | os.PathLike) -> dict[str, Any]:
-    path = Path(folder) / INPUTS_FILE
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        return {}
+    return SweepFolder(folder).read_inputs()
 
 
 # -- identity -----------------------------------------------------------------------------------
@@ -231,6 +224,17 @@ def create_identity(folder: str | os.PathLike, name: str, record: Mapping[str, A
                 "tracking_uri": tracking_uri}
     _atomic_write_json(Path(folder) / SWEEP_FILE, identity)
     return identity
+
+
+def check_resumable(folder: str | os.PathLike, identity: Mapping[str, Any]) -> None:
+    """Refuse to resume a sweep whose trial configs this version cannot run."""
+    made = identity.get("format", 1)
+    if made < FORMAT:
+        raise CxrtuneError(
+            f"sweep {identity.get('name', Path(folder).name)!r} in {folder} was made by an earlier version of cxrtune "
+            f"(sweep format {made}; this version writes {FORMAT}): its trials' configs hold keys this version no longer "
+            "has (every method's block, trial.probe_*), so it cannot be resumed. Start a new sweep with --name; its "
+            "trials, export and report stay readable where they are")
 
 
 def update_identity(folder: str | os.PathLike, identity: Mapping[str, Any]) -> None:

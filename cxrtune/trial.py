@@ -9,16 +9,16 @@ its own random-init baseline on the same episodes. Reports go through the ``repo
 caller passes (``ray.tune.report`` in ``trainables/pretrain.py``); checkpoints are folders holding
 the engine checkpoint, a ``backbone.pt`` for export, the probe results table, and the engine's
 metrics log and random-init table, so a trial restored in a fresh trial folder continues whole.
-Pretraining reads ``trial.cache``; the probe reads ``trial.eval_cache`` (another source's cache
+Pretraining reads the inputs' ``cache``; the probe reads their ``eval_cache`` (another source's cache
 when the sweep validates elsewhere, e.g. pretrain on NIH and validate on PadChest as the study
 did) or, when that is empty, the pretraining cache.
 
 :func:`run_fewshot_trial` evaluates one given backbone (a checkpoint, ImageNet or random init) on
 the episodes and reports the mean AUROC per shot count.
 
-The flat trial config is the :class:`cxrtune.engine.PretrainConfig` keys (``method``,
-``moco.temperature``, ...) plus ``trial.*`` (:class:`TrialConfig`) and ``health.*``
-(:class:`cxrtune.health.HealthConfig`) keys.
+The flat trial config is resolved by :mod:`cxrtune.resolve`: the :class:`cxrtune.engine.PretrainConfig`
+keys (``method``, ``moco.temperature``, ...) plus ``probe.*``, ``health.*`` and ``trial.*``. The
+sweep's data (caches, episodes) comes beside it as :class:`TrialInputs`.
 """
 
 from __future__ import annotations
@@ -46,54 +46,37 @@ from cxrtune.engine.train import METRICS_FILE
 from cxrtune.errors import ConfigError, DivergenceError
 from cxrtune.evaluate.features import BackboneSpec, ExtractConfig, cached_features, extract_features
 from cxrtune.evaluate.preprocess import PreprocessConfig
-from cxrtune.evaluate.probe import ProbeConfig, fit_probes
+from cxrtune.evaluate.probe import fit_probes
 from cxrtune.evaluate.run import EvalConfig, run_evaluation
-from cxrtune.health import HealthConfig, collapse_reason
+from cxrtune.health import collapse_reason
 from cxrtune.models.backbone import Backbone, load_backbone, save_backbone
+from cxrtune.resolve import InLoopProbeConfig, pretrain_trial
+from cxrtune.sweepfolder import (BACKBONE_FILE, ENGINE_CHECKPOINT, INITIAL_RESULTS, PROBE_RESULTS, RUN_DIR,
+                                 STAGING_PREFIX, STATE_FILE)
 
 Report = Callable[[dict[str, Any], Path | None], None]
-ENGINE_CHECKPOINT = "checkpoint.pt"
-BACKBONE_FILE = "backbone.pt"
-PROBE_RESULTS = "probe_results.parquet"
-STATE_FILE = "trial_state.json"
-INITIAL_RESULTS = "initial_probe_results.parquet"
-#: prefix of the folders a trial stages its Tune checkpoints in (under its work folder)
-STAGING_PREFIX = "ckpt-"
 
 
 @dataclass
-class TrialConfig(Config):
+class TrialInputs(Config):
+    """The sweep's data, given to every trial beside its config (``tune.with_parameters``): not a
+    hyperparameter, never searched or logged as a trial's params. Keys in ``<sweep>/inputs.json``
+    are these fields with a ``trial.`` prefix."""
+
     cache: str = param("", doc="image cache folder of the pretraining images (built once by the sweep driver)")
     episodes: str = param("", doc="validation episodes Parquet (sampled once by the sweep driver)")
     eval_cache: str = param("", doc="image cache folder the episodes' images live in; empty: the pretraining cache")
-    source: str = param("", doc="name of the pretraining source, for the record (MLflow params)")
-    eval_source: str = param("", doc="name of the validation source, for the record (MLflow params)")
-    pretrain_subset: str = param("pretrain", doc="train on rows whose 'subset' column has this value, if the index has one")
-    probe_input_size: int = param(64, low=16, doc="backbone input side for the in-loop probe")
-    probe_crop_fraction: float = param(1.0, low=0, high=1, low_open=True, doc="centre crop of the cached side for the probe")
-    threads: int = param(0, low=0, doc="torch CPU threads for this trial (0 = leave as is)")
+    source: str = param("", doc="name of the pretraining source, for the record")
+    eval_source: str = param("", doc="name of the validation source, for the record")
 
     def validate(self) -> None:
         if not self.cache or not self.episodes:
-            raise ConfigError("TrialConfig.cache and TrialConfig.episodes must name the sweep's cache folder "
-                              "and episodes file (the sweep driver fills them in)")
+            raise ConfigError("the trial's inputs must name the sweep's cache folder and episodes file "
+                              "(trial.cache, trial.episodes; the sweep driver fills them in)")
 
-
-def split_flat(flat: Mapping[str, Any]) -> tuple[PretrainConfig, TrialConfig, HealthConfig]:
-    """The three configs of a flat trial dict; unknown keys are refused with the valid ones."""
-    pre, trial, health = {}, {}, {}
-    known = set(PretrainConfig().to_flat())
-    for key, value in flat.items():
-        if key.startswith("trial."):
-            trial[key[6:]] = value
-        elif key.startswith("health."):
-            health[key[7:]] = value
-        elif key in known:
-            pre[key] = value
-        else:
-            raise ConfigError(f"unknown trial config key {key!r}: use PretrainConfig keys (e.g. 'optim.lr'), "
-                              "'trial.*' or 'health.*'")
-    return PretrainConfig().override(pre), TrialConfig.from_flat(trial), HealthConfig.from_flat(health)
+    @classmethod
+    def from_inputs(cls, inputs: Mapping[str, Any]) -> "TrialInputs":
+        return cls.from_flat({k[len("trial."):]: v for k, v in inputs.items()})
 
 
 def pretrain_rows(cache: ImageCache, subset: str) -> np.ndarray:
@@ -110,7 +93,7 @@ def pretrain_rows(cache: ImageCache, subset: str) -> np.ndarray:
 class ProbeJudge:
     """Scores a backbone on the sweep's episodes with batched linear probes."""
 
-    def __init__(self, cache: ImageCache, episodes: pd.DataFrame, trial: TrialConfig, device: str) -> None:
+    def __init__(self, cache: ImageCache, episodes: pd.DataFrame, probe: InLoopProbeConfig, device: str) -> None:
         self.cache = cache
         self.episodes = episodes
         row_of_id = dict(zip(cache.index["image_id"], cache.index["cache_row"].astype(int)))
@@ -121,8 +104,9 @@ class ProbeJudge:
         self.ids = ids
         self.rows = np.array([row_of_id[i] for i in ids], dtype=np.int64)
         self.local = {image_id: k for k, image_id in enumerate(ids)}
-        self.preprocessing = PreprocessConfig(input_size=trial.probe_input_size, crop_fraction=trial.probe_crop_fraction)
+        self.preprocessing = PreprocessConfig(input_size=probe.input_size, crop_fraction=probe.crop_fraction)
         self.extraction = ExtractConfig(device=device, batch_size=128)
+        self.linear = probe.linear
 
     def __call__(self, backbone: Backbone) -> tuple[dict[str, float], pd.DataFrame]:
         features = extract_features(backbone, self.cache.images, self.rows, self.preprocessing, self.extraction,
@@ -141,7 +125,7 @@ class ProbeJudge:
         return self._score(features[[position[int(r)] for r in self.rows]])
 
     def _score(self, features: np.ndarray) -> tuple[dict[str, float], pd.DataFrame]:
-        table = fit_probes(features, self.episodes, self.local, ProbeConfig())
+        table = fit_probes(features, self.episodes, self.local, self.linear)
         per_shots = table.groupby(["shots", "disease"])["auroc"].mean().groupby("shots").mean()
         metrics = {f"probe_auroc_{int(s)}shot": float(v) for s, v in per_shots.items()}
         return metrics, table
@@ -205,18 +189,21 @@ def restore_into(run_dir: Path, checkpoint_folder: Path) -> dict[str, Any]:
     return json.loads(state_file.read_text()) if state_file.is_file() else {}
 
 
-def run_pretrain_trial(flat: Mapping[str, Any], work_dir: str | Path, report: Report,
+def run_pretrain_trial(flat: Mapping[str, Any], inputs: Mapping[str, Any], work_dir: str | Path, report: Report,
                        restore_from: str | Path | None = None) -> dict[str, Any]:
-    """Run one pretraining trial, reporting after every epoch; returns the last report."""
-    config, trial, health = split_flat(flat)
+    """Run one pretraining trial, reporting after every epoch; returns the last report.
+    ``flat``: the trial's config (:func:`cxrtune.resolve.pretrain_trial`); ``inputs``: the sweep's data."""
+    resolved = pretrain_trial(flat)
+    config, trial, health = resolved.pretrain, resolved.trial, resolved.health
+    data = TrialInputs.from_inputs(inputs)
     if trial.threads:
         torch.set_num_threads(trial.threads)
     work_dir = Path(work_dir)
-    run_dir = work_dir / "run"
-    cache = ImageCache.open(trial.cache)
+    run_dir = work_dir / RUN_DIR
+    cache = ImageCache.open(data.cache)
     rows = pretrain_rows(cache, trial.pretrain_subset)
-    eval_cache = cache if trial.eval_cache in ("", trial.cache) else ImageCache.open(trial.eval_cache)
-    judge = ProbeJudge(eval_cache, load_episodes(trial.episodes), trial, _device(config))
+    eval_cache = cache if data.eval_cache in ("", data.cache) else ImageCache.open(data.eval_cache)
+    judge = ProbeJudge(eval_cache, load_episodes(data.episodes), resolved.probe, _device(config))
     state: dict[str, Any] = {}
     remove_staging(work_dir)  # left by a killed run of this trial
     if restore_from is not None:
@@ -271,15 +258,17 @@ def run_pretrain_trial(flat: Mapping[str, Any], work_dir: str | Path, report: Re
     return last
 
 
-def run_fewshot_trial(flat: Mapping[str, Any], report: Report, out_dir: str | Path) -> dict[str, Any]:
-    """Evaluate one backbone on the episodes; keys ``backbone.*`` (BackboneSpec), ``eval.*``
-    (EvalConfig) and ``trial.cache``/``trial.episodes``; a ``case`` dict (one grid cell) is merged in."""
+def run_fewshot_trial(flat: Mapping[str, Any], inputs: Mapping[str, Any], report: Report,
+                      out_dir: str | Path) -> dict[str, Any]:
+    """Evaluate one backbone on the episodes; keys ``backbone.*`` (BackboneSpec) and ``eval.*``
+    (EvalConfig); a ``case`` dict (one grid cell) is merged in. ``inputs``: the sweep's data."""
     flat = {**{k: v for k, v in flat.items() if k != "case"}, **dict(flat.get("case") or {})}
     flat.pop("label", None)
     backbone_keys = {k[9:]: v for k, v in flat.items() if k.startswith("backbone.")}
     eval_keys = {k[5:]: v for k, v in flat.items() if k.startswith("eval.")}
-    cache = ImageCache.open(flat["trial.cache"])
-    episodes = load_episodes(flat["trial.episodes"])
+    data = TrialInputs.from_inputs(inputs)
+    cache = ImageCache.open(data.cache)
+    episodes = load_episodes(data.episodes)
     spec = BackboneSpec.from_flat(backbone_keys)
     config = EvalConfig.from_flat(eval_keys)
     out_dir = Path(out_dir)

@@ -67,7 +67,7 @@ def sweep_folder(storage: Path, name: str = "moco_variance", n_trials: int = 3, 
         (trial_dir / "work").mkdir(parents=True)
         params = {"method": "moco", "model.arch": "resnet18", "train.seed": 0, "moco.temperature": 0.05 + 0.05 * k,
                   "optim.lr": 0.01 * (k + 1), "trial.cache": str(folder / "no-cache"),
-                  "trial.episodes": str(folder / "episodes.parquet"), "trial.probe_input_size": 32}
+                  "trial.episodes": str(folder / "episodes.parquet"), "probe.input_size": 32}
         (trial_dir / "params.json").write_text(json.dumps(params))
         epochs = 1 if (running and k == len(statuses) - 1) else 3
         lines, total = [], 0.0

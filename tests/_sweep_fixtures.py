@@ -100,3 +100,13 @@ def tune_knows_checkpoint(sweep_folder: Path, trial_id: str) -> bool:
         except (OSError, ValueError, AttributeError):  # being rewritten, or a layout this Ray lacks
             return False
     return False
+
+
+def load_sweep_script(name: str):
+    """The ``SWEEP`` a script in sweeps/ declares, loaded as the script's own module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"sweep_script_{name}", ROOT / "sweeps" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SWEEP

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torchvision
 
-from cxrtune.engine import pretrain, smoke
+from cxrtune.engine import pretrain
+from cxrtune.profiles import smoke
 from cxrtune.models.backbone import Backbone, CheckpointError, build_backbone
 from tests._engine_fixtures import blob_images
 
@@ -61,7 +62,8 @@ def test_stage_features_have_the_resnet_strides():
 
 def test_pretraining_can_start_from_a_cxrtune_checkpoint(tmp_path):
     images = blob_images(8, 40)
-    first = pretrain(smoke("moco").override({"train.epochs": 1, "train.monitor_images": 8}), images, tmp_path / "a")
-    config = smoke("barlow").override({"train.epochs": 1, "train.monitor_images": 8, "model.init": str(first.checkpoint)})
+    small = {"train.epochs": 1, "train.monitor_images": 8, "train.batch_size": 8}
+    first = pretrain(smoke("moco").override(small), images, tmp_path / "a")
+    config = smoke("barlow").override({**small, "model.init": str(first.checkpoint)})
     second = pretrain(config, images, tmp_path / "b")
     assert second.epochs_completed == 1

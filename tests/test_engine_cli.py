@@ -7,17 +7,36 @@ import json
 import pytest
 import torch
 
+from _print_config import parse_config_table
 from cxrtune.cli import main
 from cxrtune.engine.checkpoint import list_checkpoints
 from cxrtune.models.backbone import load_backbone
 
 
-def test_print_config_applies_profile_and_overrides(capsys):
+def test_print_config_applies_profile_and_overrides_and_names_where_each_value_comes_from(capsys):
     assert main(["pretrain", "--method", "moco", "--profile", "cpu", "--out", "unused", "--epochs", "7",
                  "--set", "moco.variance_weight=0", "--print-config"]) == 0
-    flat = json.loads(capsys.readouterr().out)
-    assert flat["train.epochs"] == 7 and flat["moco.variance_weight"] == 0 and flat["train.image_size"] == 64
-    assert flat["model.arch"] == "resnet18"
+    rows = parse_config_table(capsys.readouterr().out)
+    assert rows["train.epochs"] == ("7", "--set") and rows["moco.variance_weight"] == ("0", "--set")
+    assert rows["train.image_size"] == ("64", "profile cpu: scale")
+    assert rows["model.arch"] == ("'resnet18'", "profile cpu: scale")
+    assert rows["moco.temperature"] == ("0.2", "method moco: cpu preset")
+    assert rows["optim.momentum"] == ("0.9", "default")
+    assert rows["train.time_limit_minutes"] == ("56.0", "profile cpu: budget")
+    # a MoCo run holds MoCo's block only, and cxrtune pretrain has no probe, health or trial keys
+    assert not [k for k in rows if k.split(".")[0] in ("dino", "barlow", "spark", "probe", "health", "trial")]
+
+
+def test_pretrain_and_a_sweep_trial_of_one_profile_train_the_same_config(capsys):
+    from cxrtune.sweep.cli import resolve
+
+    from _sweep_fixtures import load_sweep_script
+
+    assert main(["pretrain", "--method", "moco", "--profile", "cpu", "--out", "unused", "--print-config"]) == 0
+    pretrain_rows = parse_config_table(capsys.readouterr().out)
+    trial = resolve(load_sweep_script("moco_variance"), "cpu", {}).flat
+    assert {k: v for k, (v, _) in pretrain_rows.items() if k != "method"} == \
+        {k: repr(trial[k]) for k in pretrain_rows if k != "method"}
 
 
 def test_unknown_key_is_a_clear_error(capsys):
@@ -46,19 +65,20 @@ def test_pretrain_on_phantom_writes_checkpoints_and_metrics(tmp_path, monkeypatc
 
 def test_smoke_profile_on_phantom_defaults_to_the_small_phantom_and_o_overrides_it():
     from cxrtune.cli import build_parser
-    from cxrtune.engine.cli import SMOKE_PHANTOM, source_options
+    from cxrtune.engine.cli import source_options
+    from cxrtune.profiles import SMOKE_PHANTOM
 
     def options(*argv):
         return source_options(build_parser().parse_args(["pretrain", "--method", "moco", "--out", "x", *argv]))
 
     assert options("--profile", "smoke") == SMOKE_PHANTOM
     assert options("--profile", "smoke", "-o", "n_pretrain=48") == {**SMOKE_PHANTOM, "n_pretrain": 48}
-    assert options("--profile", "cpu") == {}  # the other profiles read the source as it is
+    assert options("--profile", "cpu") == {}  # the cpu profile reads the full phantom
     assert options("--profile", "smoke", "--source", "nih", "-o", "allow_missing=true") == {"allow_missing": True}
-    # the sweeps' smoke phantom, so that both build and share one small cache
-    from cxrtune.sweep.cli import PROFILES as SWEEP_PROFILES
+    # the sweeps' phantom of each profile, so that both build and share one cache
+    from cxrtune.profiles import PROFILES
 
-    assert SMOKE_PHANTOM == SWEEP_PROFILES["smoke"]["phantom"]
+    assert options("--profile", "default") == dict(PROFILES["default"].phantom) != {}
 
 
 @pytest.mark.slow

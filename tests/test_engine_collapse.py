@@ -21,7 +21,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cxrtune.engine import pretrain, smoke
+from cxrtune.engine import pretrain
+from cxrtune.profiles import smoke
 from tests._engine_fixtures import homogeneous_images
 
 WEAK_AUGMENT = {"augment.crop_scale_min": 0.9, "augment.rotation_deg": 0.0, "augment.jitter_p": 0.0,

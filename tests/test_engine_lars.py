@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cxrtune.engine import PretrainConfig, pretrain, smoke
+from cxrtune.engine import PretrainConfig, pretrain
+from cxrtune.profiles import smoke
 from cxrtune.engine.checkpoint import load_checkpoint
 from cxrtune.engine.lars import LARS
 from cxrtune.methods import build_method
@@ -84,7 +85,8 @@ def test_lars_run_resumes_exactly(tmp_path, monkeypatch):
     torch.set_num_threads(1)
     try:
         config = smoke("barlow").override({"optim.optimizer": "lars", "optim.lr": 0.2, "optim.exclude_norm_bias_decay": True,
-                                           "train.epochs": 4, "train.checkpoint_every": 2, "train.monitor_images": 8})
+                                           "train.epochs": 4, "train.checkpoint_every": 2, "train.monitor_images": 8,
+                                           "train.batch_size": 8})
         images = blob_images(8, 40)
         straight = pretrain(config, images, tmp_path / "straight")
         pretrain(config, images, tmp_path / "resumed", callback=lambda m: "stop" if m["epoch"] == 2 else None)
@@ -103,7 +105,8 @@ def test_a_checkpoint_from_before_a_new_setting_resumes_while_that_setting_keeps
     from cxrtune.models.backbone import CheckpointError
 
     monkeypatch.setenv("CXRTUNE_CACHE", str(tmp_path / "cache"))
-    config = smoke("moco").override({"train.epochs": 2, "train.checkpoint_every": 1, "train.monitor_images": 8})
+    config = smoke("moco").override({"train.epochs": 2, "train.checkpoint_every": 1, "train.monitor_images": 8,
+                                     "train.batch_size": 8})
     images = blob_images(8, 40)
     pretrain(config, images, tmp_path / "run", callback=lambda m: "stop" if m["epoch"] == 1 else None)
     for _, path in list_checkpoints(tmp_path / "run"):  # as an older version wrote it

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cxrtune.augment import BatchAugment
-from cxrtune.engine import smoke
+from cxrtune.profiles import smoke
 from cxrtune.engine.train import build_optimizer
 from cxrtune.methods import Progress, build_method
 from cxrtune.methods.base import cosine_increase

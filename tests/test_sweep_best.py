@@ -12,8 +12,8 @@ from ray.tune import Result
 
 from analysis.localise import best_checkpoint_dir
 from cxrtune.models.backbone import build_backbone, save_backbone
-from cxrtune.sweep.cli import PretrainSweep, summarise
-from cxrtune.trial import INITIAL_RESULTS, STATE_FILE
+from cxrtune.sweep.summary import summarise
+from cxrtune.sweepfolder import INITIAL_RESULTS, STATE_FILE
 
 OBJECTIVE = "probe_auroc_20shot"
 DISEASES = ("effusion", "fibrosis", "mass")
@@ -54,8 +54,7 @@ def test_summary_export_and_analysis_name_the_same_trial_and_epoch(tmp_path):
     # the best report still on disk is bbb's epoch 2 (0.60)
     results = [_trial(folder, "aaa", [0.64, 0.52, 0.53], kept={2, 3}, seed=1),
                _trial(folder, "bbb", [0.55, 0.60, 0.58], kept={2, 3}, seed=2)]
-    sweep = PretrainSweep(name="moco_variance", method="moco", space={"moco.temperature": None}, seed_point={})
-    summary = summarise(results, sweep, None, folder)
+    summary = summarise(results, OBJECTIVE, ["moco.temperature"], folder)
 
     assert "best trial bbb at epoch 2:" in summary["text"], summary["text"]
     exported = json.loads((folder / "export" / "metrics.json").read_text())

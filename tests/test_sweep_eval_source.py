@@ -12,11 +12,17 @@ from _fixtures_layouts import write_csv_layout
 from _sweep_fixtures import EVAL_FINDINGS, write_eval_archive
 from cxrtune.engine.checkpoint import FORMAT, checkpoint_path, list_checkpoints
 from cxrtune.errors import CxrtuneError
-from cxrtune.sweep.cli import build_parser, prepare_data
+from cxrtune.sweep.cli import build_parser
+from cxrtune.sweep.data import EpisodePlan, prepare_data as prepare
 from cxrtune.engine.train import METRICS_FILE
-from cxrtune.trial import ENGINE_CHECKPOINT, INITIAL_RESULTS, STATE_FILE, restore_into, split_flat
+from cxrtune.sweepfolder import ENGINE_CHECKPOINT, INITIAL_RESULTS, STATE_FILE
+from cxrtune.trial import TrialInputs, restore_into
 
-PROFILE = {"phantom": {}, "cache_size": 32, "shots": (5,), "trials": 2}
+PLAN = EpisodePlan(shots=(5,), trials=2)
+
+
+def prepare_data(args, folder):
+    return prepare(args, 32, {}, PLAN, folder)
 
 
 def _parse(*argv: str) -> argparse.Namespace:
@@ -39,7 +45,7 @@ def test_episodes_come_from_the_eval_source_and_both_caches_are_built(cache_env)
                   "--eval-source", "csv", "--eval-root", str(evaluation["root"]))
     folder = cache_env / "sweep"
     folder.mkdir()
-    data = prepare_data(args, PROFILE, folder)
+    data = prepare_data(args, folder)
     assert data.separate_eval
     assert len(data.cache) == 8 and len(data.eval_cache) == len(evaluation["ids"])
     ids = {i for col in ("train_ids", "test_ids") for row in data.episodes[col] for i in row}
@@ -51,7 +57,7 @@ def test_episodes_come_from_the_eval_source_and_both_caches_are_built(cache_env)
     # a resume with another evaluation source is refused before anything runs
     other = _parse("--source", "csv", "--root", str(pretrain["root"]))
     with pytest.raises(CxrtuneError, match="started with another evaluation source"):
-        prepare_data(other, PROFILE, folder)
+        prepare_data(other, folder)
 
 
 def test_an_eval_source_without_few_shot_tasks_is_refused_by_name(cache_env):
@@ -62,7 +68,7 @@ def test_an_eval_source_without_few_shot_tasks_is_refused_by_name(cache_env):
     folder.mkdir()
     with pytest.raises(CxrtuneError, match=r"--eval-source csv \(root .*tiny\) defines no few-shot task.*"
                                            r"pass --eval-source with a labelled archive"):
-        prepare_data(args, PROFILE, folder)
+        prepare_data(args, folder)
     assert not (folder / "episodes.parquet").exists()
 
 
@@ -70,12 +76,14 @@ def test_eval_root_without_eval_source_is_refused(cache_env):
     tiny = write_csv_layout(cache_env / "tiny", n_images=8)
     args = _parse("--source", "csv", "--root", str(tiny["root"]), "--eval-root", str(tiny["root"]))
     with pytest.raises(CxrtuneError, match="pass --eval-source NAME too"):
-        prepare_data(args, PROFILE, cache_env)
+        prepare_data(args, cache_env)
 
 
-def test_old_trial_configs_without_an_eval_cache_still_load():
-    _, trial, _ = split_flat({"trial.cache": "/c", "trial.episodes": "/e.parquet"})
-    assert trial.eval_cache == "" and trial.source == "" and trial.eval_source == ""
+def test_inputs_without_an_eval_cache_still_load_and_inputs_without_a_cache_are_refused():
+    inputs = TrialInputs.from_inputs({"trial.cache": "/c", "trial.episodes": "/e.parquet"})
+    assert inputs.eval_cache == "" and inputs.source == "" and inputs.eval_source == ""
+    with pytest.raises(CxrtuneError, match="must name the sweep's cache folder and episodes file"):
+        TrialInputs.from_inputs({"trial.episodes": "/e.parquet"})
 
 
 def _engine_checkpoint(path, epoch: int) -> None:
@@ -111,7 +119,7 @@ def test_a_trial_tune_restarts_without_a_checkpoint_trains_afresh(cache_env):
     from cxrtune.data.cache import get_cache
     from cxrtune.data.sources.base import make_source
     from cxrtune.data.tasks import build_task_pool, sample_episodes, save_episodes
-    from cxrtune.engine import profiles
+    from cxrtune.resolve import resolve_pretrain
     from cxrtune.trial import run_pretrain_trial
 
     archive = write_eval_archive(cache_env / "eval")
@@ -119,16 +127,15 @@ def test_a_trial_tune_restarts_without_a_checkpoint_trains_afresh(cache_env):
     cache = get_cache(source, size=32)
     episodes = sample_episodes(build_task_pool(cache.index), shots=(5,), trials=1)
     save_episodes(episodes, cache_env / "episodes.parquet")
-    flat = profiles.profile("smoke", "moco").override({"train.epochs": 1, "train.batch_size": 16}).to_flat()
-    flat.update({"trial.cache": str(cache.path), "trial.episodes": str(cache_env / "episodes.parquet"),
-                 "trial.probe_input_size": 32})
+    flat = resolve_pretrain("smoke", "moco", sets={"train.epochs": 1, "train.batch_size": 16}).flat
+    inputs = {"trial.cache": str(cache.path), "trial.episodes": str(cache_env / "episodes.parquet")}
     work = cache_env / "trial" / "work"
     first: list[dict] = []
-    run_pretrain_trial(flat, work, lambda metrics, folder: first.append(dict(metrics)))
+    run_pretrain_trial(flat, inputs, work, lambda metrics, folder: first.append(dict(metrics)))
     assert [m["epoch"] for m in first] == [1]
     assert list_checkpoints(work / "run")  # the earlier attempt's engine checkpoint stays behind
     again: list[dict] = []
-    run_pretrain_trial(flat, work, lambda metrics, folder: again.append(dict(metrics)))
+    run_pretrain_trial(flat, inputs, work, lambda metrics, folder: again.append(dict(metrics)))
     assert [m["epoch"] for m in again] == [1]
     assert again[0]["ssl_loss"] == pytest.approx(first[0]["ssl_loss"])  # same seed, trained again
     lines = (work / "run" / METRICS_FILE).read_text().splitlines()

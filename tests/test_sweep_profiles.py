@@ -7,27 +7,27 @@ real caches under tmp_path) up to the point where it hands its :class:`SweepSpec
 
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
 from pathlib import Path
 
 import pytest
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from _sweep_fixtures import write_eval_archive
-from cxrtune.engine import profiles as engine_profiles
+from _sweep_fixtures import load_sweep_script as load_sweep, write_eval_archive
+from cxrtune import profiles as engine_profiles
 from cxrtune.errors import ConfigError
-from cxrtune.sweep.cli import PROFILES, _profile_config, main, search_points
+from cxrtune.methods import method_names
+from cxrtune.profiles import PROFILES
+from cxrtune.sweep.cli import PretrainSweep, main, resolve as resolve_config, search_points
 
 ROOT = Path(__file__).resolve().parents[1]
-METHOD_SWEEPS = ("moco_variance", "barlow_lambda", "spark_mask", "dino_temperature")
+METHOD_SWEEPS = tuple(p.stem for p in sorted((ROOT / "sweeps").glob("*.py"))
+                      if isinstance(load_sweep(p.stem), PretrainSweep))
 
 
-def load_sweep(name: str):
-    spec = importlib.util.spec_from_file_location(f"sweep_{name}_profiles", ROOT / "sweeps" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.SWEEP
+def _profile_config(sweep, profile, sets):
+    return resolve_config(sweep, profile, sets).flat
 
 
 #: The study's MoCo setting (docs: variance weight 1.0, temperature 0.07, lr 0.045).
@@ -93,12 +93,12 @@ def stopping_rungs(spec) -> list[int]:
 
 def test_cpu_profile_evaluates_the_study_setting_then_its_own():
     sweep = load_sweep("moco_variance")
-    fixed = _profile_config(sweep, PROFILES["cpu"], {})
-    points = search_points(sweep, sweep.space, fixed, PROFILES["cpu"])
+    fixed = _profile_config(sweep, "cpu", {})
+    points = search_points(sweep, sweep.space, fixed, PROFILES["cpu"].sweep)
     assert points[0] == sweep.seed_point == STUDY
-    # the second point is the engine's cpu profile (the setting bench/ssl_vs_random.py measured),
-    # read from the engine, not from the sweep profile
-    engine_cpu = engine_profiles.profile("cpu", "moco").to_flat()
+    # the second point is MoCo's cpu preset (the setting bench/ssl_vs_random.py measured), which
+    # cxrtune pretrain --profile cpu trains too
+    engine_cpu = engine_profiles.cpu("moco").to_flat()
     assert points[1] == {k: engine_cpu[k] for k in sweep.space}
     assert points[1] == {"moco.variance_weight": 1.0, "moco.temperature": 0.2, "optim.lr": 0.06}
     assert len(points) == 2
@@ -107,46 +107,53 @@ def test_cpu_profile_evaluates_the_study_setting_then_its_own():
 @pytest.mark.parametrize("profile", ["smoke", "default", "l4"])
 def test_other_profiles_start_from_the_study_setting_only(profile):
     sweep = load_sweep("moco_variance")
-    fixed = _profile_config(sweep, PROFILES[profile], {})
-    assert search_points(sweep, sweep.space, fixed, PROFILES[profile]) == [sweep.seed_point]
+    fixed = _profile_config(sweep, profile, {})
+    assert search_points(sweep, sweep.space, fixed, PROFILES[profile].sweep) == [sweep.seed_point]
     assert sweep.seed_point == STUDY
 
 
 def test_a_profile_point_equal_to_the_study_setting_is_not_evaluated_twice():
     sweep = load_sweep("moco_variance")
     cpu = PROFILES["cpu"]
-    same = {**cpu, "overrides": {**cpu["overrides"], **sweep.seed_point}}  # the profile trains the study's values
+    same = dataclasses.replace(cpu, budget={**cpu.budget, **sweep.seed_point})  # the profile trains the study's values
     fixed = _profile_config(sweep, same, {})
     assert {k: fixed[k] for k in sweep.space} == sweep.seed_point
-    assert search_points(sweep, sweep.space, fixed, same) == [sweep.seed_point]
+    assert search_points(sweep, sweep.space, fixed, same.sweep) == [sweep.seed_point]
 
 
 def test_a_fixed_key_leaves_the_points_and_an_out_of_range_profile_value_is_skipped():
     sweep = load_sweep("moco_variance")
-    fixed = _profile_config(sweep, PROFILES["cpu"], {})
+    fixed = _profile_config(sweep, "cpu", {})
     space = {k: v for k, v in sweep.space.items() if k != "optim.lr"}  # as `--set optim.lr=...` does
-    points = search_points(sweep, space, fixed, PROFILES["cpu"])
+    points = search_points(sweep, space, fixed, PROFILES["cpu"].sweep)
     assert points == [{"moco.variance_weight": 1.0, "moco.temperature": 0.07},
                       {"moco.variance_weight": 1.0, "moco.temperature": 0.2}]
     narrow = {**sweep.space, "moco.temperature": tune.loguniform(0.03, 0.1)}  # 0.2 lies outside
-    assert search_points(sweep, narrow, fixed, PROFILES["cpu"]) == [STUDY]
+    assert search_points(sweep, narrow, fixed, PROFILES["cpu"].sweep) == [STUDY]
 
 
 @pytest.mark.parametrize("profile", list(PROFILES))
 def test_every_profile_resolves_to_an_engine_config_for_every_method_sweep(profile):
-    """Each profile's overrides are keys the engine config accepts, and land as given; every
-    sweep's searched keys are config keys under it (the driver refuses a sweep otherwise)."""
+    """Each profile's budget keys are keys the config accepts, and land as given (a method's own
+    keys for that method only); every sweep's searched keys are config keys under it."""
+    assert {load_sweep(name).method for name in METHOD_SWEEPS} == set(method_names())
     for name in METHOD_SWEEPS:
         sweep = load_sweep(name)
-        fixed = _profile_config(sweep, PROFILES[profile], {})
+        fixed = _profile_config(sweep, profile, {})
         assert fixed["method"] == sweep.method
-        for key, value in PROFILES[profile]["overrides"].items():
-            assert fixed[key] == value, (name, key)
+        for key, value in PROFILES[profile].budget.items():
+            if key.split(".")[0] in method_names() and key.split(".")[0] != sweep.method:
+                assert key not in fixed, (name, key)
+                continue
+            assert fixed[key] == (list(value) if isinstance(value, tuple) else value), (name, key)
+        for key, value in PROFILES[profile].probe.items():
+            assert fixed[key] == (list(value) if isinstance(value, tuple) else value), (name, key)
         assert set(sweep.space) <= set(fixed), name
         assert set(sweep.seed_point) <= set(sweep.space), name
-    # the engine refuses a key it does not know: the check above is not vacuous
-    with pytest.raises(ConfigError, match="unknown config key 'train.epoch'"):
-        _profile_config(load_sweep("moco_variance"), {**PROFILES[profile], "overrides": {"train.epoch": 2}}, {})
+    # a key the config does not know is refused, naming the layer: the check above is not vacuous
+    typo = dataclasses.replace(PROFILES[profile], budget={"train.epoch": 2})
+    with pytest.raises(ConfigError, match=f"profile {profile}: budget: unknown config key 'train.epoch'.*train.epochs"):
+        _profile_config(load_sweep("moco_variance"), typo, {})
 
 
 def test_smoke_sweep_resolves_to_a_spec_whose_asha_stops_no_trial(archive, smoke_spec):
@@ -165,8 +172,8 @@ def test_smoke_sweep_resolves_to_a_spec_whose_asha_stops_no_trial(archive, smoke
 
 def test_num_samples_and_max_concurrent_from_argv_reach_the_spec(archive, smoke_spec, monkeypatch):
     default = smoke_spec
-    assert (default.num_samples, default.max_concurrent) == (PROFILES["smoke"]["num_samples"],
-                                                            PROFILES["smoke"]["max_concurrent"])
+    assert (default.num_samples, default.max_concurrent) == (PROFILES["smoke"].sweep["num_samples"],
+                                                            PROFILES["smoke"].sweep["max_concurrent"])
     spec = resolve(archive, monkeypatch, "--profile", "smoke", "--num-samples", "5", "--max-concurrent", "1",
                    "--seed", "7", "--set", "optim.lr=0.01", "--name", "other")
     assert (spec.num_samples, spec.max_concurrent, spec.seed, spec.name) == (5, 1, 7, "other")

@@ -6,7 +6,6 @@ One Ray session for the module; everything (cache, sweeps, MLflow store) under t
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 from pathlib import Path
@@ -15,17 +14,13 @@ import pytest
 import torch
 import torchvision
 
+from _sweep_fixtures import load_sweep_script
+from cxrtune.methods import method_names
+
 ray = pytest.importorskip("ray")
 mlflow = pytest.importorskip("mlflow")
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_sweep_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"sweep_{name}", ROOT / "sweeps" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _objective(table, shots: int) -> float:
@@ -73,11 +68,11 @@ def workdir(tmp_path_factory):
 def smoke_sweep(workdir):
     from cxrtune.sweep.cli import main
 
-    script = _load_sweep_script("moco_variance")
+    sweep = load_sweep_script("moco_variance")
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        code = main(script.SWEEP, ["--profile", "smoke", "--storage", str(workdir / "runs"), "--tracking-uri", uri,
+        code = main(sweep, ["--profile", "smoke", "--storage", str(workdir / "runs"), "--tracking-uri", uri,
                                    "--cpus", "2"])
     assert code == 0
     (workdir / "driver-stdout.txt").write_text(printed.getvalue())
@@ -97,6 +92,10 @@ def test_smoke_sweep_tracks_every_trial_in_mlflow(smoke_sweep):
         assert child.data.tags["cxrtune.status"] == "completed"
         assert child.data.params["method"] == "moco"
         assert "moco.temperature" in child.data.params and "optim.lr" in child.data.params
+        # a MoCo trial's params are MoCo's block and the engine's, probe and health keys: no other method's
+        others = [m for m in method_names() if m != "moco"]
+        assert not [k for k in child.data.params if k.split(".")[0] in others]
+        assert child.data.params["probe.input_size"] == "32" and "trial.cache" not in child.data.params
         # a name a person can read: the sweep, the trial and its searched values
         params = child.data.params
         words = child.info.run_name.split(" ")
@@ -118,7 +117,7 @@ def test_smoke_sweep_tracks_every_trial_in_mlflow(smoke_sweep):
         assert child.data.metrics["probe_auroc_5shot"] == pytest.approx(_objective(final, 5), abs=1e-6)
         assert child.data.metrics["initial_probe_auroc_20shot"] == pytest.approx(_objective(initial, 20), abs=1e-6)
     # the study's setting was the first trial evaluated: Optuna's trial 0, and Tune's first trial
-    seed_point = _load_sweep_script("moco_variance").SWEEP.seed_point
+    seed_point = load_sweep_script("moco_variance").seed_point
     trials = _optuna_trials(folder)
     assert [t.number for t in trials] == [0, 1]
     assert trials[0].params == pytest.approx(seed_point)
@@ -136,17 +135,23 @@ def test_smoke_sweep_exports_a_backbone_that_loads_into_torchvision(smoke_sweep)
     model.load_state_dict(torch.load(export / "backbone.pt", weights_only=True), strict=True)
     metrics = json.loads((export / "metrics.json").read_text())
     assert metrics["selected_by"]["metric"] == "probe_auroc_20shot"
+    config = json.loads((export / "config.json").read_text())
+    card = (export / "MODEL_CARD.md").read_text()
+    assert config["method"] == "moco" and "moco.temperature" in config and "moco.temperature" in card
+    others = [m for m in method_names() if m != "moco"]
+    assert not [k for k in config if k.split(".")[0] in others]
+    assert not [m for m in others if f"{m}." in card]
     assert (folder / "trials.csv").is_file() and (folder / "optuna.db").is_file()
 
 
 def test_a_diverging_trial_ends_as_diverged_and_the_sweep_finishes(workdir, smoke_sweep):
     from cxrtune.sweep.cli import main
 
-    script = _load_sweep_script("moco_variance")
+    sweep = load_sweep_script("moco_variance")
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    code = main(script.SWEEP, ["--profile", "smoke", "--storage", str(workdir / "runs"), "--tracking-uri", uri,
-                               "--name", "diverging", "--num-samples", "1",
-                               "--set", "optim.lr=1e30", "--set", "optim.clip_grad_norm=0"])
+    code = main(sweep, ["--profile", "smoke", "--storage", str(workdir / "runs"), "--tracking-uri", uri,
+                        "--name", "diverging", "--num-samples", "1",
+                        "--set", "optim.lr=1e30", "--set", "optim.clip_grad_norm=0"])
     assert code == 0
     client = mlflow.tracking.MlflowClient(uri)
     experiment = client.get_experiment_by_name("cxrtune/diverging")
@@ -155,29 +160,45 @@ def test_a_diverging_trial_ends_as_diverged_and_the_sweep_finishes(workdir, smok
     assert children[0].info.status == "FINISHED"
 
 
-@pytest.mark.parametrize("script_name, method", [("barlow_lambda", "barlow"), ("spark_mask", "spark"),
-                                                 ("dino_temperature", "dino")])
-def test_every_method_sweep_runs_at_smoke_size(workdir, smoke_sweep, script_name, method):
+def _method_sweeps() -> dict[str, str]:
+    """Sweep script -> method, for every pretraining sweep in sweeps/ (moco_variance runs in the fixture)."""
+    from cxrtune.sweep.cli import PretrainSweep
+
+    found = {}
+    for path in sorted((ROOT / "sweeps").glob("*.py")):
+        sweep = load_sweep_script(path.stem)
+        if isinstance(sweep, PretrainSweep):
+            found[path.stem] = sweep.method
+    return found
+
+
+def test_every_registered_method_has_a_sweep():
+    assert set(_method_sweeps().values()) == set(method_names())
+
+
+@pytest.mark.parametrize("script_name", [name for name in _method_sweeps() if name != "moco_variance"])
+def test_every_method_sweep_runs_at_smoke_size(workdir, smoke_sweep, script_name):
     from cxrtune.sweep.cli import main
 
-    script = _load_sweep_script(script_name)
+    sweep = load_sweep_script(script_name)
+    method = sweep.method
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    code = main(script.SWEEP, ["--profile", "smoke", "--storage", str(workdir / "runs"), "--tracking-uri", uri,
-                               "--num-samples", "1"])
+    code = main(sweep, ["--profile", "smoke", "--storage", str(workdir / "runs"), "--tracking-uri", uri,
+                        "--num-samples", "1"])
     assert code == 0
     config = json.loads((workdir / "runs" / script_name / "export" / "config.json").read_text())
     assert config["method"] == method
-    for key, value in script.SWEEP.seed_point.items():  # the study's setting ran first
+    for key, value in sweep.seed_point.items():  # the study's setting ran first
         assert config[key] == pytest.approx(value)
 
 
 def test_compare_methods_evaluates_the_exported_best_against_random_init(workdir, smoke_sweep, capsys):
     from cxrtune.sweep.fewshot import main
 
-    script = _load_sweep_script("compare_methods")
+    sweep = load_sweep_script("compare_methods")
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    code = main(script.SWEEP, ["--profile", "smoke", "--storage", str(workdir / "runs"), "--tracking-uri", uri,
-                               "--from-sweeps", "moco_variance", "--baselines", "random"])
+    code = main(sweep, ["--profile", "smoke", "--storage", str(workdir / "runs"), "--tracking-uri", uri,
+                        "--from-sweeps", "moco_variance", "--baselines", "random"])
     assert code == 0
     import pandas as pd
 
@@ -193,9 +214,9 @@ def test_compare_methods_evaluates_the_exported_best_against_random_init(workdir
 def test_imagenet_baseline_without_local_weights_fails_with_the_file_to_fetch(workdir, smoke_sweep, capsys):
     from cxrtune.sweep.fewshot import main
 
-    script = _load_sweep_script("fewshot_grid")
-    code = main(script.SWEEP, ["--profile", "smoke", "--storage", str(workdir / "runs"),
-                               "--from-sweeps", "moco_variance", "--baselines", "imagenet"])
+    sweep = load_sweep_script("fewshot_grid")
+    code = main(sweep, ["--profile", "smoke", "--storage", str(workdir / "runs"),
+                        "--from-sweeps", "moco_variance", "--baselines", "imagenet"])
     err = capsys.readouterr().err
     assert code == 2
     assert "resnet18" in err and "--imagenet-weights resnet18=PATH" in err and "download" in err

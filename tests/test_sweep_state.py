@@ -17,6 +17,7 @@ import mlflow
 import pytest
 
 from _sweep_fixtures import ROOT, remove_ray_tmpdir, short_ray_tmpdir, subprocess_env
+from _print_config import parse_config_table
 from cxrtune import sweepstate
 
 SWEEP = ROOT / "sweeps" / "moco_variance.py"
@@ -301,14 +302,38 @@ def test_a_sweep_whose_every_trial_fills_the_disk_says_so_and_exits_non_zero(tmp
 def test_print_config_shows_each_value_and_where_it_comes_from_and_writes_nothing(tmp_path, capsys):
     assert _sweep_main(["--print-config", "--profile", "smoke", "--set", "train.epochs=5",
                         "--storage", str(tmp_path / "runs")]) == 0
-    lines = {line.split()[0]: line.split(None, 1)[1] for line in capsys.readouterr().out.splitlines()
-             if line and not line.startswith("#")}
-    assert lines["train.epochs"].split() == ["5", "--set"]
-    assert lines["train.batch_size"].split() == ["16", "sweep", "profile", "smoke"]  # the smoke sweep's override
-    assert lines["optim.lr"].startswith("loguniform(0.005, 0.2)") and lines["optim.lr"].endswith(
-        "searched; seed point 0.045")
-    assert lines["moco.temperature"].endswith("searched; seed point 0.07")
-    assert lines["model.arch"].endswith("engine profile smoke (moco)")
+    rows = parse_config_table(capsys.readouterr().out)
+    assert rows["train.epochs"] == ("5", "--set")
+    assert rows["train.batch_size"] == ("16", "profile smoke: scale")
+    assert rows["train.keep_checkpoints"] == ("1", "profile smoke: budget")
+    assert rows["optim.lr"] == ("loguniform(0.005, 0.2)", "searched; seed point 0.045")
+    assert rows["moco.temperature"] == ("loguniform(0.03, 0.3)", "searched; seed point 0.07")
+    assert rows["moco.queue_size"] == ("64", "method moco: smoke preset")
+    assert rows["model.arch"] == ("'resnet18'", "profile smoke: scale")
+    assert rows["method"] == ("'moco'", "sweep script moco_variance")
+    # the in-loop probe's settings are config keys like any other
+    assert rows["probe.shots"] == ("[5, 20]", "profile smoke: probe") and rows["probe.input_size"][0] == "32"
+    assert rows["probe.linear.cv_folds"] == ("5", "default")
+    assert not [k for k in rows if k.split(".")[0] in ("dino", "barlow", "spark")]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_print_config_of_a_few_shot_sweep_and_a_bad_set_key_named_with_its_layer(tmp_path, capsys):
+    from _sweep_fixtures import load_sweep_script
+    from cxrtune.sweep.fewshot import main as fewshot_main
+
+    grid = load_sweep_script("fewshot_grid")
+    assert fewshot_main(grid, ["--print-config", "--profile", "cpu", "--set", "eval.trials=3",
+                               "--storage", str(tmp_path / "runs")]) == 0
+    rows = parse_config_table(capsys.readouterr().out)
+    assert rows["eval.trials"] == ("3", "--set") and rows["eval.input_size"] == ("64", "profile cpu: few-shot")
+    assert rows["eval.shots"] == ("[1, 5, 10, 20, 50]", "profile cpu: few-shot")
+    assert rows["eval.evaluators"][1].startswith("grid")
+    assert _sweep_main(["--set", "moco.temprature=0.1", "--storage", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "--set: unknown config key 'moco.temprature'" in err and "did you mean moco.temperature" in err
+    assert _sweep_main(["--set", "dino.out_dim=8", "--storage", str(tmp_path / "runs")]) == 2
+    assert "'dino.out_dim' belongs to method dino" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
 
 
@@ -316,3 +341,21 @@ def test_an_empty_name_is_refused_not_read_as_the_default(tmp_path, capsys):
     assert _sweep_main(["--name", "", "--storage", str(tmp_path / "runs")]) == 2
     assert "sweep name '': use a non-empty name without slashes or spaces" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_resuming_a_sweep_of_an_earlier_format_is_refused_clearly(tmp_path, capsys):
+    """Sweeps made before a trial's config held one method's block cannot be resumed; the error says
+    so, and nothing in the folder is changed."""
+    folder = tmp_path / "runs" / "moco_variance"
+    folder.mkdir(parents=True)
+    (folder / "tuner.pkl").write_bytes(b"")  # what Tune checks for a restorable experiment
+    identity = {"format": 1, "sweep_id": "0" * 32, "name": "moco_variance", "record": {"profile": "smoke"},
+                "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    (folder / "sweep.json").write_text(json.dumps(identity))
+    before = sorted(p.name for p in folder.iterdir())
+    assert _sweep_main(["--resume", "--storage", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "made by an earlier version of cxrtune (sweep format 1" in err and "cannot be resumed" in err
+    assert "Start a new sweep with --name" in err
+    assert sorted(p.name for p in folder.iterdir()) == before
+    assert json.loads((folder / "sweep.json").read_text()) == identity

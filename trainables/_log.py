@@ -15,7 +15,7 @@ from typing import Iterator
 
 from ray import tune
 
-TRIAL_LOG = "trial.log"
+from cxrtune.sweepfolder import TRIAL_LOG
 
 
 class _Tee:

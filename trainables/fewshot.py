@@ -16,7 +16,6 @@ from trainables._resources import apply_trial_resources
 
 def fewshot_trainable(config: dict, inputs: dict | None = None) -> None:
     """``inputs``: the sweep's data (cache, episodes), given with ``tune.with_parameters``."""
-    config = {**config, **(inputs or {})}
     apply_trial_resources()
     out_dir = trial_folder()
 
@@ -24,4 +23,4 @@ def fewshot_trainable(config: dict, inputs: dict | None = None) -> None:
         tune.report(metrics)
 
     with trial_log():
-        run_fewshot_trial(config, report, out_dir)
+        run_fewshot_trial(config, inputs or {}, report, out_dir)

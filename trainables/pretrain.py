@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ray import tune
 
+from cxrtune.sweepfolder import WORK_DIR
 from cxrtune.trial import run_pretrain_trial
 from trainables._log import trial_folder, trial_log
 from trainables._resources import apply_trial_resources
@@ -20,20 +21,20 @@ def pretrain_trainable(config: dict, inputs: dict | None = None) -> None:
     """``inputs``: the sweep's data (caches, episodes), given with ``tune.with_parameters``."""
     apply_trial_resources()
     with trial_log():
-        _pretrain({**config, **(inputs or {})})
+        _pretrain(config, inputs or {})
 
 
-def _pretrain(config: dict) -> None:
+def _pretrain(config: dict, inputs: dict) -> None:
     def report(metrics: dict, folder: Path | None) -> None:
         checkpoint = tune.Checkpoint.from_directory(str(folder)) if folder is not None else None
         tune.report(metrics, checkpoint=checkpoint)
 
-    work_dir = trial_folder() / "work"
+    work_dir = trial_folder() / WORK_DIR
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
         print(f"trial {tune.get_context().get_trial_id()}: starting in {work_dir}", flush=True)
-        run_pretrain_trial(config, work_dir, report)
+        run_pretrain_trial(config, inputs, work_dir, report)
         return
     print(f"trial {tune.get_context().get_trial_id()}: continuing from {checkpoint.path}", flush=True)
     with checkpoint.as_directory() as restored:
-        run_pretrain_trial(config, work_dir, report, restore_from=restored)
+        run_pretrain_trial(config, inputs, work_dir, report, restore_from=restored)

@@ -8,31 +8,22 @@ The source's uint8 cache is built on first use (``cxrtune data cache``) and reus
 folder receives ``checkpoints/epoch-NNNN.pt``, ``metrics.jsonl`` and ``config.json``; running the
 same command again resumes from the latest checkpoint.
 
+Profiles are the sweeps' (:mod:`cxrtune.profiles`): ``--profile cpu`` trains what a ``--profile cpu``
+sweep trial trains, on the same cache side and (for the phantom) the same phantom options.
 ``--profile smoke`` is a plumbing check: 32 px images, two epochs, one torch thread and, on the
-phantom source, a small phantom (:data:`SMOKE_PHANTOM`: 502 images, the sweeps' smoke phantom, so
-the two share one cache; ``-o KEY=VALUE`` overrides any of it). It finishes in under a minute on
-2 cores, the first run's cache build (a few seconds) included: measured 34 s wall (19 s CPU) with
-a built cache and 39 s from an empty ``CXRTUNE_CACHE``, on 2 cores shared with other work. Its
-losses and checkpoints mean nothing.
+phantom source, a 502-image phantom (``-o KEY=VALUE`` overrides any of it); it finishes in under
+a minute on 2 cores (docs/performance.md). Its losses and checkpoints mean nothing.
+``--print-config`` prints the config with where every value comes from, and exits.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from cxrtune.engine.config import METHOD_NAMES
-from cxrtune.engine.profiles import PROFILES
 from cxrtune.errors import ConfigError, CxrtuneError
-
-#: The cache side each profile trains from: the study cropped 224 px views from 256 px images.
-DEFAULT_CACHE_SIZE = {"study": 256, "cpu": 64, "smoke": 32}
-
-#: ``--profile smoke --source phantom``: the phantom the sweeps' smoke profile uses
-#: (cxrtune/sweep/cli.py PROFILES["smoke"]["phantom"]), not the full 13,900-image one.
-SMOKE_PHANTOM = {"n_pretrain": 192, "studies_per_patient": 4, "train_pos": 20, "val_pos": 4,
-                 "train_neg": 40, "val_neg": 30, "fewshot_studies": 1}
+from cxrtune.methods import method_names
+from cxrtune.profiles import PROFILES, profile_notes
 
 #: Side of a cached image (px): CacheConfig.size's range.
 CACHE_SIZE_RANGE = (8, 4096)
@@ -64,18 +55,18 @@ def check_out_folder(flag: str, path: Path) -> None:
 
 
 def add_pretrain_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("pretrain", help="run one SSL pretraining (moco, barlow, spark, dino)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", required=True, choices=METHOD_NAMES)
-    p.add_argument("--profile", default="study", choices=sorted(PROFILES),
-                   help="starting settings: study (224 px, GPU), cpu (64 px, 2 cores, < 1 h), smoke (32 px, 2 epochs, "
-                        "a 502-image phantom: under a minute on 2 cores, building its cache included)")
+    p = subparsers.add_parser("pretrain", help=f"run one SSL pretraining ({', '.join(method_names())})",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog="Profiles:\n" + profile_notes())
+    p.add_argument("--method", required=True, choices=method_names())
+    p.add_argument("--profile", default="study", choices=tuple(PROFILES), help="budget and scale (default: study)")
     p.add_argument("--source", default="phantom", help="data source: phantom, nih, padchest or csv")
     p.add_argument("--root", default=None, help="folder of the source's files (not needed for phantom)")
     p.add_argument("--option", "-o", action="append", metavar="KEY=VALUE",
                    help="source option, repeatable (with --profile smoke they override the small phantom)")
     p.add_argument("--size", type=int, default=None,
-                   help="side of the cached images, 8 to 4096 px (default: 256 for study, 64 for cpu, 32 for smoke)")
+                   help="side of the cached images, 8 to 4096 px (default: the profile's: 256 for study and l4, "
+                        "64 for cpu and default, 32 for smoke)")
     p.add_argument("--split", default=None, choices=("train", "val", "test"),
                    help="pretrain on this split only (default: every cached image, labels are unused)")
     p.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl, config.json)")
@@ -88,7 +79,9 @@ def add_pretrain_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE", default=[],
                    help="override a config value by dotted key, repeatable (e.g. moco.variance_weight=0)")
     p.add_argument("--no-resume", action="store_true", help="start afresh even if the run folder has checkpoints")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the config with where each value comes from (default, method preset, profile, "
+                        "--set) and exit")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch, >= 1 (default: 1 for smoke, else torch's choice; "
                         "use 1 on a loaded machine)")
@@ -98,7 +91,9 @@ def add_pretrain_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def resolve_config(args: argparse.Namespace):
+    """The run's resolved config (:func:`cxrtune.resolve.resolve_pretrain`); shortcuts are ``--set`` keys."""
     from cxrtune.cli import parse_options
+    from cxrtune.resolve import resolve_pretrain
 
     overrides = parse_options(args.overrides, "--set")
     if args.epochs is not None:
@@ -109,16 +104,20 @@ def resolve_config(args: argparse.Namespace):
         overrides["model.init"] = args.init
     if args.weights is not None:
         overrides["model.weights"] = args.weights
-    return PROFILES[args.profile](args.method).override(overrides)
+    trial_only = [k for k in overrides if k.split(".", 1)[0] in ("probe", "health", "trial")]
+    if trial_only:
+        raise ConfigError(f"--set {trial_only[0]}: probe.*, health.* and trial.* configure a sweep trial, not "
+                          "cxrtune pretrain; set it on a sweep's command line")
+    return resolve_pretrain(args.profile, args.method, sets=overrides).engine_only()
 
 
 def source_options(args: argparse.Namespace) -> dict:
-    """``-o`` options, on top of :data:`SMOKE_PHANTOM` for ``--profile smoke --source phantom``."""
+    """``-o`` options, on top of the profile's phantom options for ``--source phantom``."""
     from cxrtune.cli import parse_options
 
     options = parse_options(args.option)
-    if args.profile == "smoke" and args.source == "phantom":
-        options = {**SMOKE_PHANTOM, **options}
+    if args.source == "phantom":
+        options = {**PROFILES[args.profile].phantom, **options}
     return options
 
 
@@ -136,10 +135,11 @@ def run_pretrain(args: argparse.Namespace) -> int:
     from cxrtune.engine.train import pretrain
 
     check_arguments(args)
-    config = resolve_config(args)
+    resolved = resolve_config(args)
     if args.print_config:
-        print(json.dumps(config.to_flat(), indent=1, sort_keys=True))
+        print(resolved.table(f"cxrtune pretrain --method {args.method} --profile {args.profile}"))
         return 0
+    config = resolved.pretrain
     # Checked before the cache is built (minutes to hours), not when training starts.
     resolve_device(config.train.device, "--device" if args.device is not None else "train.device")
     out = Path(args.out)
@@ -151,7 +151,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(threads)
     source = make_source(args.source, args.root, **source_options(args))
-    size = args.size if args.size is not None else DEFAULT_CACHE_SIZE[args.profile]
+    size = args.size if args.size is not None else PROFILES[args.profile].cache_size
     cache = get_cache(source, size=size, progress=not args.quiet)
     rows = None
     if args.split is not None:

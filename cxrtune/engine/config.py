@@ -1,22 +1,22 @@
 """The configuration of one pretraining run: one dataclass per concern, flattening to dotted keys.
 
-``PretrainConfig().to_flat()`` gives keys such as ``method``, ``moco.variance_weight``,
+``PretrainConfig(method="moco").to_flat()`` gives keys such as ``method``, ``moco.variance_weight``,
 ``optim.lr``, ``train.epochs``, ``augment.crop_scale_min``: what a sweep overrides and what MLflow
-logs. Every method's block is present whichever method runs, so one flat schema covers a sweep
-across methods. The study's per-method settings (architecture, optimiser, recipe) are in
-:mod:`cxrtune.engine.profiles`.
+logs. A config holds the chosen method's block only (a MoCo run has ``moco.*`` keys, no
+``dino.*``); the block's class comes from the method registry (:mod:`cxrtune.methods.registry`).
+Named starting points (the study's recipe, the cpu and smoke scales) are :mod:`cxrtune.profiles`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 from cxrtune.augment import AugmentConfig
-from cxrtune.config import Config, param
+from cxrtune.config import Config, param, unflatten
 from cxrtune.errors import ConfigError
-from cxrtune.methods import BarlowConfig, DinoConfig, MocoConfig, SparkConfig
-
-METHOD_NAMES = ("moco", "barlow", "spark", "dino")
+from cxrtune.methods.registry import get_method, method_names
 
 
 @dataclass
@@ -64,23 +64,99 @@ class TrainConfig(Config):
 
 @dataclass
 class PretrainConfig(Config):
-    method: str = param("moco", choices=METHOD_NAMES)
+    method: str = param("moco", doc="a registered method (cxrtune.methods)")
     model: ModelConfig = field(default_factory=ModelConfig)
-    moco: MocoConfig = field(default_factory=MocoConfig)
-    barlow: BarlowConfig = field(default_factory=BarlowConfig)
-    spark: SparkConfig = field(default_factory=SparkConfig)
-    dino: DinoConfig = field(default_factory=DinoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    #: the method's own block, flattened under the method's name (``moco.temperature``)
+    block: Config | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        entry = get_method(self.method)
+        if self.block is None:
+            self.block = entry.config()
+        elif isinstance(self.block, Mapping):
+            self.block = entry.config.from_dict(self.block)
+        elif not isinstance(self.block, entry.config):
+            raise ConfigError(f"method {self.method} takes a {entry.config.__name__} block, not a "
+                              f"{type(self.block).__name__}")
+        super().__post_init__()
+
+    def __getattr__(self, name: str) -> Any:
+        # config.moco is the block of a MoCo config; another method's name has no block here
+        if name in ("block", "method") or name.startswith("__"):
+            raise AttributeError(name)
+        if name == self.method:
+            return self.block
+        if name in method_names():
+            raise AttributeError(f"a {self.method} config has no {name!r} block: a config holds its method's block only")
+        raise AttributeError(name)
 
     def method_config(self) -> Config:
-        return getattr(self, self.method)
+        return self.block
 
     def validate(self) -> None:
-        size = self.train.image_size
-        if self.method == "spark" and (size % self.spark.patch_size or size % 32):
-            raise ConfigError(
-                f"train.image_size = {size} must be a multiple of 32 and of spark.patch_size = {self.spark.patch_size} for SparK")
-        if self.method == "dino" and self.dino.local_crops and self.dino.local_crop_size > size:
-            raise ConfigError(f"dino.local_crop_size = {self.dino.local_crop_size} exceeds train.image_size = {size}")
+        get_method(self.method).cls.check_config(self)
+
+    def _sections(self) -> list[tuple[str, Any]]:
+        """(flat name, value) in key order: method, model, the method's block, optim, train, augment."""
+        return [("method", self.method), ("model", self.model), (self.method, self.block), ("optim", self.optim),
+                ("train", self.train), ("augment", self.augment)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: value.to_dict() if isinstance(value, Config) else value for name, value in self._sections()}
+
+    def to_flat(self, prefix: str = "") -> dict[str, Any]:
+        flat: dict[str, Any] = {}
+        for name, value in self._sections():
+            if isinstance(value, Config):
+                flat.update(value.to_flat(prefix=f"{prefix}{name}."))
+            else:
+                flat[f"{prefix}{name}"] = value
+        return flat
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "PretrainConfig":
+        data = dict(data)
+        method = data.pop("method", "moco")
+        get_method(method)
+        block = data.pop(method, None)
+        sections = {f.name for f in dataclasses.fields(cls)} - {"method", "block"}
+        for key in data:
+            if key in method_names():
+                raise ConfigError(f"a {method} config has no {key!r} block: a config holds its method's block only "
+                                  f"({method}.*); set method = {key!r} to configure {key}")
+            if key not in sections:
+                raise ConfigError(f"PretrainConfig has no field {key!r}: valid fields are method, {method}, "
+                                  f"{', '.join(sorted(sections))}")
+        return cls(method=method, block=block, **data)
+
+    def override(self, flat: Mapping[str, Any]) -> "PretrainConfig":
+        """A copy with dotted keys replaced. A new ``method`` starts its block from the method's
+        defaults; keys of another method's block are refused, naming the method they belong to."""
+        flat = dict(flat)
+        method = flat.pop("method", self.method)
+        base = self
+        if method != self.method:
+            get_method(method)
+            base = PretrainConfig(method=method, model=self.model, optim=self.optim, train=self.train,
+                                  augment=self.augment)
+        merged = base.to_flat()
+        for key in flat:
+            if key not in merged:
+                owner = key.split(".", 1)[0]
+                if owner in method_names() and owner != method:
+                    raise ConfigError(f"config key {key!r} belongs to method {owner}; this config's method is "
+                                      f"{method}, whose keys are {method}.*")
+                raise ConfigError(f"unknown config key {key!r} for PretrainConfig ({method}): "
+                                  f"valid keys are {', '.join(sorted(merged))}")
+        merged.update(flat)
+        return type(self).from_dict(unflatten(merged))
+
+    @classmethod
+    def describe(cls, method: str = "moco") -> list[tuple[str, str, str, str]]:
+        rows = Config.describe.__func__(cls)
+        rows = [r for r in rows if not r[0].startswith("block")]
+        block = [(f"{method}.{name}", *rest) for name, *rest in get_method(method).config.describe()]
+        return rows[:1] + block + rows[1:]

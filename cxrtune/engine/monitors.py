@@ -28,6 +28,8 @@ def feature_std(features: torch.Tensor) -> float:
 
 def effective_rank(features: torch.Tensor) -> float:
     centred = features.double() - features.double().mean(dim=0, keepdim=True)
+    if not torch.isfinite(centred).all():
+        return float("nan")  # diverged weights: the loop reports the divergence
     s = torch.linalg.svdvals(centred)
     total = s.sum()
     if total <= 0:

@@ -296,6 +296,12 @@ def pretrain(config: PretrainConfig | Mapping[str, Any], images: np.ndarray, run
             if key != "loss":
                 metrics[key] = float(total) / steps_per_epoch
         metrics.update(monitor(method.backbone))
+        if not math.isfinite(metrics["feature_std"]):
+            # the epoch's last update can leave non-finite weights before any loss shows it
+            raise DivergenceError(
+                f"{config.method}: the backbone's features became non-finite after epoch {epoch + 1} (lr {lr:.3g}); "
+                "lower optim.lr or raise optim.clip_grad_norm", epoch=epoch + 1, step=(epoch + 1) * steps_per_epoch,
+                loss=metrics["ssl_loss"])
         metrics["images_per_s"] = steps_per_epoch * t.batch_size / train_seconds
         metrics["lr"] = lr
         metrics["seconds"] = time.perf_counter() - epoch_start

@@ -10,6 +10,7 @@ from cxrtune.config import Config, param
 from cxrtune.losses import barlow_twins_loss
 from cxrtune.methods.base import SSLMethod
 from cxrtune.methods.heads import mlp
+from cxrtune.methods.registry import register_method
 from cxrtune.models.backbone import Backbone
 
 
@@ -21,8 +22,15 @@ class BarlowConfig(Config):
     lambda_offdiag: float = param(0.005, low=0, doc="weight of the off-diagonal (redundancy) term")
 
 
+@register_method("barlow", config=BarlowConfig, presets={
+    "study": {"model.arch": "resnet18", "train.batch_size": 512, "train.epochs": 200, "train.grad_checkpointing": True,
+              "optim.optimizer": "adamw", "optim.lr": 2.4e-3, "optim.weight_decay": 1e-4, "optim.warmup_epochs": 10,
+              "optim.clip_grad_norm": 0.0},
+    "cpu": {"barlow.projector_dims": [512, 512, 512], "optim.optimizer": "adamw", "optim.lr": 1e-3,
+            "optim.weight_decay": 1e-4, "optim.clip_grad_norm": 0.0},
+    "smoke": {"barlow.projector_dims": [64, 64], "optim.optimizer": "adamw", "optim.lr": 1e-3},
+})
 class Barlow(SSLMethod):
-    name = "barlow"
 
     def __init__(self, backbone: Backbone, config: BarlowConfig) -> None:
         super().__init__(backbone)

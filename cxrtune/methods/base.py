@@ -61,7 +61,12 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
 
 
 class SSLMethod(nn.Module):
-    name: ClassVar[str] = ""
+    name: ClassVar[str] = ""  # set by @register_method
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        """Checks across the method's block and the engine's (``config``: a PretrainConfig);
+        raise :class:`~cxrtune.errors.ConfigError` naming the keys."""
 
     def __init__(self, backbone: Backbone) -> None:
         super().__init__()

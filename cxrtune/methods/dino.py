@@ -20,6 +20,7 @@ from cxrtune.errors import ConfigError
 from cxrtune.losses import DinoLoss
 from cxrtune.methods.base import Progress, SSLMethod, cosine_increase, ema_update, momentum_copy
 from cxrtune.methods.heads import DinoHead
+from cxrtune.methods.registry import register_method
 from cxrtune.models.backbone import Backbone
 
 
@@ -46,8 +47,24 @@ class DinoConfig(Config):
             raise ConfigError(f"DinoConfig.local_scale_min = {self.local_scale_min} exceeds local_scale_max = {self.local_scale_max}")
 
 
+@register_method("dino", config=DinoConfig, presets={
+    # The study's photometric recipe for DINO was not recorded separately: MoCo's is used.
+    "study": {"model.arch": "resnet50", "train.batch_size": 64, "train.epochs": 100, "optim.optimizer": "adamw",
+              "optim.lr": 5e-4, "optim.weight_decay": 0.04, "optim.warmup_epochs": 10, "optim.clip_grad_norm": 3.0,
+              "augment.crop_scale_min": 0.4},
+    "cpu": {"dino.hidden_dim": 512, "dino.bottleneck_dim": 128, "dino.local_crop_size": 32,
+            "optim.optimizer": "adamw", "optim.lr": 5e-4, "optim.weight_decay": 0.04, "optim.clip_grad_norm": 3.0,
+            "augment.crop_scale_min": 0.4},
+    "smoke": {"dino.out_dim": 64, "dino.hidden_dim": 64, "dino.bottleneck_dim": 32, "dino.local_crops": 2,
+              "dino.local_crop_size": 16, "optim.optimizer": "adamw", "optim.lr": 1e-3},
+})
 class Dino(SSLMethod):
-    name = "dino"
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        dino, size = config.dino, config.train.image_size
+        if dino.local_crops and dino.local_crop_size > size:
+            raise ConfigError(f"dino.local_crop_size = {dino.local_crop_size} exceeds train.image_size = {size}")
 
     def __init__(self, backbone: Backbone, config: DinoConfig) -> None:
         super().__init__(backbone)

@@ -18,6 +18,7 @@ from cxrtune.config import Config, param
 from cxrtune.losses import MocoLoss
 from cxrtune.methods.base import Progress, SSLMethod, ema_update, momentum_copy
 from cxrtune.methods.heads import mlp
+from cxrtune.methods.registry import register_method
 from cxrtune.models.backbone import Backbone
 
 
@@ -35,8 +36,21 @@ class MocoConfig(Config):
     symmetric: bool = param(False, doc="also use the second view as query (two losses per step)")
 
 
+@register_method("moco", config=MocoConfig, presets={
+    "study": {"model.arch": "resnet50", "train.batch_size": 384, "train.epochs": 800, "optim.optimizer": "sgd",
+              "optim.lr": 0.045, "optim.weight_decay": 1e-4, "optim.warmup_epochs": 10, "optim.clip_grad_norm": 3.0},
+    # No flip, and crops that keep the body's size and proportions (80-100 % of the image, aspect
+    # 0.9-1.11): body size and lung height carry findings (the phantom's clinical correlates), and a
+    # flip alone halves the share of augmented views whose nearest neighbour is their own source.
+    # Measured with bench/ssl_vs_random.py on phantom version 6 (docs/performance.md).
+    "cpu": {"moco.projector_hidden": 512, "moco.queue_size": 4096, "moco.momentum": 0.99, "moco.temperature": 0.2,
+            "optim.optimizer": "sgd", "optim.lr": 0.06, "optim.weight_decay": 5e-4, "optim.clip_grad_norm": 3.0,
+            "augment.hflip_p": 0.0, "augment.crop_scale_min": 0.8, "augment.crop_ratio_min": 0.9,
+            "augment.crop_ratio_max": 1.111},
+    "smoke": {"moco.projector_hidden": 64, "moco.projector_out": 32, "moco.queue_size": 64, "moco.momentum": 0.99,
+              "optim.lr": 0.03},
+})
 class Moco(SSLMethod):
-    name = "moco"
 
     def __init__(self, backbone: Backbone, config: MocoConfig) -> None:
         super().__init__(backbone)

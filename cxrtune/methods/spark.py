@@ -15,8 +15,10 @@ import torch
 from torch import nn
 
 from cxrtune.config import Config, param
+from cxrtune.errors import ConfigError
 from cxrtune.losses import masked_patch_mse
 from cxrtune.methods.base import SSLMethod
+from cxrtune.methods.registry import register_method
 from cxrtune.models.backbone import Backbone
 
 
@@ -69,8 +71,25 @@ def random_patch_mask(batch: int, grid: int, ratio: float, generator: torch.Gene
     return (ranks < n_masked).reshape(batch, grid, grid)
 
 
+@register_method("spark", config=SparkConfig, presets={
+    # SparK's own recipe: a mild crop and a flip, nothing photometric.
+    "study": {"model.arch": "resnet50", "train.batch_size": 256, "train.epochs": 200, "optim.optimizer": "adamw",
+              "optim.lr": 3e-4, "optim.weight_decay": 0.05, "optim.warmup_epochs": 10, "optim.clip_grad_norm": 0.0,
+              "augment.crop_scale_min": 0.67, "augment.rotation_deg": 0.0, "augment.jitter_p": 0.0,
+              "augment.blur_p": 0.0, "augment.noise_std": 0.0},
+    "cpu": {"spark.patch_size": 8, "spark.decoder_width": 128, "optim.optimizer": "adamw", "optim.lr": 5e-4,
+            "optim.weight_decay": 0.05, "optim.clip_grad_norm": 0.0, "augment.crop_scale_min": 0.67,
+            "augment.rotation_deg": 0.0, "augment.jitter_p": 0.0, "augment.blur_p": 0.0, "augment.noise_std": 0.0},
+    "smoke": {"spark.patch_size": 8, "spark.decoder_width": 32, "optim.optimizer": "adamw", "optim.lr": 1e-3},
+})
 class Spark(SSLMethod):
-    name = "spark"
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        size, patch = config.train.image_size, config.spark.patch_size
+        if size % patch or size % 32:
+            raise ConfigError(
+                f"train.image_size = {size} must be a multiple of 32 and of spark.patch_size = {patch} for SparK")
 
     def __init__(self, backbone: Backbone, config: SparkConfig) -> None:
         super().__init__(backbone)

@@ -136,12 +136,7 @@ def load_torchvision_weights(backbone: Backbone, weights: str | Path | None) -> 
             )
         weights = path
     path = Path(weights)
-    if not path.is_file():
-        raise CheckpointError(f"weights file {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"weights file {path} could not be read ({type(exc).__name__}: {exc})") from exc
+    state = _load_file(path, "weights file", "could not be read")
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
@@ -208,6 +203,16 @@ def _exported_payload(state: dict[str, Any], path: Path) -> dict[str, Any]:
     return {"arch": arch, "in_chans": in_chans, "backbone": {k: v for k, v in state.items() if not k.startswith("fc.")}}
 
 
+def _load_file(path: Path, what: str, unreadable: str) -> Any:
+    """``torch.load`` with tensors only (never unpickles code), naming the file when it fails."""
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{what} {path} {unreadable} ({type(exc).__name__}: {exc})") from exc
+
+
 def load_backbone(path: str | Path, arch: str | None = None) -> Backbone:
     """Load a backbone saved by :func:`save_backbone`, embedded in a training checkpoint, or
     exported by ``cxrtune export`` (a plain torchvision state_dict).
@@ -216,12 +221,7 @@ def load_backbone(path: str | Path, arch: str | None = None) -> Backbone:
     ``arch`` given and different from the file's raises :class:`CheckpointError`.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file ({type(exc).__name__}: {exc})") from exc
+    payload = _load_file(path, "checkpoint", "is corrupt or not a torch file")
     if isinstance(payload, dict) and "conv1.weight" in payload and "backbone" not in payload:
         payload = _exported_payload(payload, path)  # a `cxrtune export` state_dict
     if not isinstance(payload, dict) or "backbone" not in payload or "arch" not in payload:

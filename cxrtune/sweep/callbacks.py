@@ -14,7 +14,10 @@ from typing import Any
 
 from ray.tune.logger import LoggerCallback
 
+from cxrtune.engine.train import METRICS_FILE
 from cxrtune.health import trial_status
+from cxrtune.sweepfolder import INITIAL_RESULTS, PROBE_RESULTS, RESULTS_TABLE, RUN_DIR, WORK_DIR
+from cxrtune.tune_files import PARAMS_FILE, RESULTS_FILE
 from cxrtune.tracking import SweepTracker
 
 #: keys of Tune's result dict that are bookkeeping, not metrics
@@ -94,7 +97,7 @@ class MlflowSweepCallback(LoggerCallback):
         from cxrtune.trial import remove_staging
 
         for folder in folders:
-            remove_staging(folder / "work")
+            remove_staging(folder / WORK_DIR)
         self.tracker.end_trial(trial.trial_id, status)
         self._ended.add(trial.trial_id)
 
@@ -102,17 +105,17 @@ class MlflowSweepCallback(LoggerCallback):
         """The trial's config, results tables and a training-curve plot as run artifacts."""
         checkpoints = sorted((c for f in folders for c in f.glob("checkpoint_*") if c.is_dir()),
                              key=lambda c: c.name)
-        for name, fallback in (("params.json", None), ("result.json", None), ("results.parquet", None),
-                               ("work/run/metrics.jsonl", "metrics.jsonl"),
-                               ("work/initial_probe_results.parquet", "initial_probe_results.parquet")):
+        for name, fallback in ((PARAMS_FILE, None), (RESULTS_FILE, None), (RESULTS_TABLE, None),
+                               (f"{WORK_DIR}/{RUN_DIR}/{METRICS_FILE}", METRICS_FILE),
+                               (f"{WORK_DIR}/{INITIAL_RESULTS}", INITIAL_RESULTS)):
             found = [f / name for f in folders if (f / name).is_file()]
             # a trial that ran on another node left its work folder there: its checkpoint carries a copy
             if not found and fallback and checkpoints and (checkpoints[-1] / fallback).is_file():
                 found = [checkpoints[-1] / fallback]
             if found:
                 self.tracker.log_artifacts(run_id, found[0])
-        if checkpoints and (checkpoints[-1] / "probe_results.parquet").is_file():
-            self.tracker.log_artifacts(run_id, checkpoints[-1] / "probe_results.parquet", "last_checkpoint")
+        if checkpoints and (checkpoints[-1] / PROBE_RESULTS).is_file():
+            self.tracker.log_artifacts(run_id, checkpoints[-1] / PROBE_RESULTS, "last_checkpoint")
         trial_dir = next((f for f in folders if (f / "result.json").is_file()), folders[0])
         try:
             plot = plot_trial(trial_dir)

@@ -23,9 +23,7 @@ from typing import Any, TextIO
 
 from ray.tune import Callback
 
-from trainables._log import TRIAL_LOG
-
-CONSOLE_LOG = "ray-console.log"
+from cxrtune.sweepfolder import CONSOLE_LOG, TRIAL_LOG
 
 _streams: list[tuple[TextIO, TextIO]] = []
 

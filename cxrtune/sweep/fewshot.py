@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,25 +18,16 @@ from typing import Any
 import pandas as pd
 
 from cxrtune.errors import CxrtuneError
-from cxrtune.sweep.cli import positive_float, positive_int
+from cxrtune.profiles import get_profile, profile_notes
+from cxrtune.resolve import Resolved, resolve_flat
+from cxrtune.sweepfolder import BACKBONE_FILE, RESULTS_TABLE, SweepFolder
+from cxrtune.sweep.args import (add_common_arguments, apply_record, parse_sets, positive_float, run_command,
+                                sweep_record, with_defaults)
 
-#: Per profile: cache side, evaluation input size and crop, shot grid, trials, finetune budget.
-FEWSHOT_PROFILES: dict[str, dict[str, Any]] = {
-    "smoke": {"cache_size": 32, "input_size": 32, "crop_fraction": 1.0, "shots": (1, 5), "trials": 2,
-              "finetune_epochs": 1, "phantom": {"n_pretrain": 0, "train_pos": 6, "val_pos": 4, "train_neg": 40,
-                                                "val_neg": 30, "fewshot_studies": 1},
-              "note": "a plumbing check on tiny images; its AUROCs mean nothing"},
-    "default": {"cache_size": 64, "input_size": 64, "crop_fraction": 1.0, "shots": (1, 5, 10, 20, 50), "trials": 5,
-                "finetune_epochs": 5, "phantom": {"n_pretrain": 0},
-                "note": "the full shot grid at 64 px on CPU"},
-    "cpu": {"cache_size": 64, "input_size": 64, "crop_fraction": 1.0, "shots": (1, 5, 10, 20, 50), "trials": 10,
-            "finetune_epochs": 20, "phantom": {"n_pretrain": 0},
-            "note": "the study's grid (10 trials) at 64 px"},
-    "l4": {"cache_size": 256, "input_size": 224, "crop_fraction": 224 / 256, "shots": (1, 5, 10, 20, 50),
-           "trials": 10, "finetune_epochs": 100, "phantom": {"n_pretrain": 0},
-           "note": "the study's protocol at 224 px (finetuning 100 epochs)"},
-}
-
+#: what a few-shot sweep records (and a resume checks)
+RECORDED = ("profile", "source", "root", "options", "set")
+#: eval keys the driver reads to sample the episodes once: not a trial's to change
+_DRIVER_KEYS = ("eval.shots", "eval.trials")
 
 @dataclasses.dataclass
 class FewshotSweep:
@@ -49,8 +39,7 @@ class FewshotSweep:
 def build_parser(sweep: FewshotSweep) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"python sweeps/{sweep.name}.py", description=sweep.description,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Profiles:\n" + "\n".join(f"  {k:<8} {v['note']}" for k, v in FEWSHOT_PROFILES.items()))
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="Profiles:\n" + profile_notes("fewshot"))
     parser.add_argument("--checkpoint", action="append", default=[], metavar="PATH",
                         help="a cxrtune checkpoint or exported backbone.pt to evaluate (repeatable)")
     parser.add_argument("--from-sweeps", default=None, metavar="NAMES",
@@ -60,26 +49,19 @@ def build_parser(sweep: FewshotSweep) -> argparse.ArgumentParser:
     parser.add_argument("--imagenet-weights", action="append", default=[], metavar="ARCH=PATH",
                         help="local torchvision weights per architecture, e.g. resnet18=resnet18-f37072fd.pth")
     parser.add_argument("--evaluators", default=",".join(sweep.evaluators), help="probe, knn and/or finetune")
-    # None defaults: --resume takes a left-out value from the sweep's record (see cxrtune.sweep.cli)
-    parser.add_argument("--profile", default=None, choices=tuple(FEWSHOT_PROFILES), help="(default: default)")
-    parser.add_argument("--source", default=None,
-                        help="data source: phantom (embedded, the default), nih, padchest, csv")
-    parser.add_argument("--root", default=None, help="folder of the source's files")
-    parser.add_argument("--option", "-o", action="append", metavar="KEY=VALUE", help="source option, repeatable")
-    parser.add_argument("--name", default=None, help=f"sweep name (default: {sweep.name})")
-    parser.add_argument("--storage", default="./cxrtune-runs", help="where sweeps live")
-    parser.add_argument("--address", default=None, help="an existing Ray cluster ('auto' or host:port)")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow URI (default: sqlite:///mlflow.db)")
-    parser.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this name")
-    parser.add_argument("--gpu", type=positive_float, default=None,
-                        help="GPU share per trial, e.g. 0.25 packs four per GPU")
     parser.add_argument("--cpu", type=positive_float, default=1.0, help="CPU share per trial")
-    parser.add_argument("--cpus", type=positive_int, default=None, help="CPUs Ray may use on this machine")
-    parser.add_argument("--max-concurrent", type=positive_int, default=None,
-                        help="trials at once (default: as resources allow)")
-    parser.add_argument("--verbose", action="store_true",
-                        help="show Ray's own progress tables and logs here instead of in <sweep>/ray-console.log")
+    add_common_arguments(parser, sweep.name)
     return parser
+
+
+def resolve(profile: str, sets: dict[str, Any]) -> Resolved:
+    """The evaluation config every trial of the grid shares: EvalConfig's defaults, the profile's
+    few-shot settings, then ``--set`` (``eval.*`` keys)."""
+    from cxrtune.evaluate.run import EvalConfig
+
+    chosen = get_profile(profile)
+    return resolve_flat(EvalConfig().to_flat(prefix="eval."),
+                        [(f"profile {profile}: few-shot", chosen.fewshot), ("--set", sets)], "a few-shot sweep")
 
 
 def _imagenet_weights(pairs: list[str]) -> dict[str, str]:
@@ -101,17 +83,18 @@ def backbones_to_evaluate(args: argparse.Namespace) -> list[dict[str, Any]]:
     checkpoints = [Path(c).resolve() for c in args.checkpoint]
     for name in (args.from_sweeps or "").split(","):
         if name.strip():
-            path = Path(args.storage).resolve() / name.strip() / "export" / "backbone.pt"
-            source_ckpt = _export_source_checkpoint(path)
-            if source_ckpt is None:
-                raise CxrtuneError(f"sweep {name!r} has no export in {path.parent}: run it (it exports its best) "
-                                   "or `cxrtune export --sweep NAME`")
-            checkpoints.append(source_ckpt)
+            # the checkpoint the export was made from (exports themselves are plain state_dicts)
+            folder = SweepFolder(Path(args.storage).resolve() / name.strip())
+            source = folder.exported_checkpoint()
+            if source is None or not (source / BACKBONE_FILE).is_file():
+                raise CxrtuneError(f"sweep {name!r} has no export in {folder.export_dir}: run it (it exports its "
+                                   "best) or `cxrtune export --sweep NAME`")
+            checkpoints.append(source / BACKBONE_FILE)
     entries = []
     archs = []
     for path in checkpoints:
         backbone = load_backbone(path)  # checks the file before any trial starts
-        label = path.parent.parent.parent.name if path.name == "backbone.pt" and "checkpoint_" in path.parent.name \
+        label = path.parent.parent.parent.name if path.name == BACKBONE_FILE and "checkpoint_" in path.parent.name \
             else path.stem
         entries.append({"label": label, "init": str(path), "arch": backbone.arch, "weights": None})
         archs.append(backbone.arch)
@@ -134,71 +117,54 @@ def backbones_to_evaluate(args: argparse.Namespace) -> list[dict[str, Any]]:
     return entries
 
 
-def _export_source_checkpoint(export_backbone: Path) -> Path | None:
-    """The cxrtune checkpoint an export was made from (exports themselves are plain state_dicts)."""
-    import json
-
-    metrics = export_backbone.parent / "metrics.json"
-    if not metrics.is_file():
-        return None
-    folder = Path(json.loads(metrics.read_text())["checkpoint"])
-    path = folder / "backbone.pt"
-    return path if path.is_file() else None
-
-
 def main(sweep: FewshotSweep, argv: list[str] | None = None) -> int:
-    args = build_parser(sweep).parse_args(argv)
-    try:
-        return run(sweep, args)
-    except CxrtuneError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_command(sweep, argv, build_parser, run)
 
 
 def run(sweep: FewshotSweep, args: argparse.Namespace) -> int:
     from cxrtune.sweep.runner import open_sweep
 
+    if args.print_config:
+        resolved = resolve(args.profile or "default", parse_sets(args))
+        evaluators = [e.strip() for e in args.evaluators.split(",") if e.strip()]
+        print(resolved.table(f"sweep {sweep.name}, profile {args.profile or 'default'}",
+                             {"eval.evaluators": (repr(evaluators), "grid: one trial per backbone x evaluator")}))
+        return 0
     name = args.name if args.name is not None else sweep.name
-    record = {"profile": args.profile, "source": args.source,
-              "root": str(Path(args.root).expanduser().resolve()) if args.root else None,
-              "options": sorted(args.option) if args.option else None}
+    record = sweep_record(args, RECORDED)
     if not args.resume:
-        record = {**record, "profile": "default" if args.profile is None else args.profile,
-                  "source": "phantom" if args.source is None else args.source}
+        record = with_defaults(record)
+        resolve(record["profile"], parse_sets(args))  # a bad --set is refused before anything is written
     with open_sweep(name, args.storage, resume=args.resume, tracking_uri=args.tracking_uri, record=record,
                     resume_hint=f"(sweep {name} in {args.storage})") as opened:
-        args.profile = opened.record["profile"] if opened.record.get("profile") is not None else "default"
-        args.source = opened.record["source"] if opened.record.get("source") is not None else "phantom"
-        args.root, args.option = opened.record.get("root"), opened.record.get("options")
+        apply_record(args, opened.record)
         return _run_open(sweep, args, opened)
 
 
 def _run_open(sweep: FewshotSweep, args: argparse.Namespace, opened) -> int:
     from ray import tune
 
-    from cxrtune.sweep.cli import prepare_data
+    from cxrtune.sweep.data import EpisodePlan, prepare_data
     from cxrtune.sweep.runner import SweepSpec, run_sweep
+    from cxrtune.sweep.summary import write_report
     from trainables.fewshot import fewshot_trainable
 
-    profile = FEWSHOT_PROFILES[args.profile]
+    profile = get_profile(args.profile)
     name = opened.name
     folder = opened.folder
     started = time.time()
+    resolved = resolve(args.profile, parse_sets(args))
     entries = backbones_to_evaluate(args)
     evaluators = [e.strip() for e in args.evaluators.split(",") if e.strip()]
-    data_profile = {"phantom": profile["phantom"], "cache_size": profile["cache_size"], "shots": profile["shots"],
-                    "trials": profile["trials"]}
-    data = prepare_data(args, data_profile, folder)
+    plan = EpisodePlan(tuple(resolved.flat["eval.shots"]), int(resolved.flat["eval.trials"]))
+    data = prepare_data(args, profile.cache_size, profile.fewshot_phantom, plan, folder)
     source, cache, episodes, episodes_path = data.eval_source, data.eval_cache, data.episodes, data.episodes_path
     print(f"sweep {name}: {len(entries)} backbones x {len(evaluators)} evaluators on {len(episodes)} episodes "
-          f"({profile['note']})")
+          f"({profile.fewshot_note})")
     grid = [{"backbone.init": e["init"], "backbone.arch": e["arch"], "backbone.weights": e["weights"],
              "label": e["label"], "eval.evaluators": [ev]} for e in entries for ev in evaluators]
-    param_space = {
-        "case": tune.grid_search(grid),
-        "eval.input_size": profile["input_size"], "eval.crop_fraction": profile["crop_fraction"],
-        "eval.finetune.epochs": profile["finetune_epochs"],
-    }
+    configured = {k: v for k, v in resolved.flat.items() if k not in _DRIVER_KEYS and k != "eval.evaluators"}
+    param_space = {"case": tune.grid_search(grid), **configured}
     resources = {"cpu": args.cpu}
     if args.gpu:
         resources["gpu"] = args.gpu
@@ -208,15 +174,18 @@ def _run_open(sweep: FewshotSweep, args: argparse.Namespace, opened) -> int:
     sweepstate.write_inputs(folder, inputs)
     spec = SweepSpec(name=name, trainable=tune.with_parameters(fewshot_trainable, inputs=inputs),
                      param_space=param_space, metric="mean_auroc",
-                     mode="max", num_samples=1, max_concurrent=args.max_concurrent if args.max_concurrent is not None else len(grid),
+                     mode="max", num_samples=1,
+                     max_concurrent=args.max_concurrent if args.max_concurrent is not None else len(grid),
                      resources=resources, search="grid", asha=False,
                      tags={"cxrtune.kind": "fewshot", "cxrtune.source": source.name}, console_keys=())
     results = run_sweep(spec, storage=args.storage, address=args.address, num_cpus=args.cpus,
                         verbose=1 if args.verbose else 0, opened=opened)
     table = collect_results(results)
-    table.to_parquet(folder / "results.parquet", index=False)
+    table.to_parquet(folder / RESULTS_TABLE, index=False)
     print(report(table, [e["label"] for e in entries if e["init"] in ("random", "imagenet")]))
-    print(f"results: {folder / 'results.parquet'}; wall time {time.time() - started:.0f} s")
+    if not args.no_report:
+        write_report(name, args.storage, opened)
+    print(f"results: {folder / RESULTS_TABLE}; wall time {time.time() - started:.0f} s")
     return 0
 
 
@@ -225,7 +194,7 @@ def collect_results(results) -> pd.DataFrame:
     for result in results:
         if result.error is not None:
             continue
-        path = Path(result.path) / "results.parquet"
+        path = Path(result.path) / RESULTS_TABLE
         if path.is_file():
             frame = pd.read_parquet(path)
             frame["backbone"] = result.config["case"]["label"]

@@ -184,6 +184,8 @@ def open_sweep(name: str, storage: str | os.PathLike | None = None, *, resume: b
             f"sweep {name!r} in {folder} has no {sweepstate.SWEEP_FILE}: it was made by an earlier version of "
             "cxrtune, whose sweeps cannot be resumed; start a new sweep with --name (its trials and export stay "
             "readable where they are)")
+    if resume:
+        sweepstate.check_resumable(folder, identity)
     uri = uri_in_force(tracking_uri) if (not resume or tracking_uri) else identity["tracking_uri"]
     sweepstate.check_tracking(uri)
     with sweepstate.hold_driver_lock(folder):
