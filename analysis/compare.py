@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.tables import fmt, to_markdown
+from cxrtune.analysis.tables import fmt, to_markdown
 from cxrtune.errors import CxrtuneError
 from cxrtune.evaluate.stats import bootstrap_ci
 from cxrtune.sweepfolder import BACKBONE_FILE, EPISODES_FILE, PROBE_RESULTS, SweepFolder, initial_results
@@ -59,7 +59,7 @@ def _as_checkpoint(arg: str) -> Path | None:
 
 
 def sweep_entries(folder: Path) -> list[Entry]:
-    from analysis.sweep_folder import load_sweep
+    from cxrtune.analysis.sweep_folder import load_sweep
 
     sweep = load_sweep(folder.name, folder.parent)
     best = SweepFolder(folder).chosen_checkpoint(sweep.objective)

@@ -1,5 +1,5 @@
 """What a report says, apart from how it is printed: sections of notes, paragraphs, tables and
-figures. :mod:`analysis.webpage` prints it as HTML, :func:`markdown` as Markdown, and the report
+figures. :mod:`cxrtune.analysis.webpage` prints it as HTML, :func:`markdown` as Markdown, and the report
 folder keeps each table as CSV and each figure as PNG, so every copy holds the same cells."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import io
 
 import pandas as pd
 
-from analysis.tables import to_markdown
+from cxrtune.analysis.tables import to_markdown
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The report's figures. Each function returns a matplotlib Figure sized for the page it is
 embedded in (about 1,100 px wide at 100 dpi): labelled axes with units, a legend, and the report's
-single palette (:mod:`analysis.palette`) so one backbone has one colour everywhere."""
+single palette (:mod:`cxrtune.analysis.palette`) so one backbone has one colour everywhere."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from analysis.palette import status_colour  # noqa: E402
+from cxrtune.analysis.palette import status_colour  # noqa: E402
 
 plt.rcParams.update({"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 10,
                      "axes.spines.top": False, "axes.spines.right": False, "figure.dpi": 100})

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.localisation import boxes_to_mask
+from cxrtune.analysis.localisation import boxes_to_mask
 from cxrtune.errors import DataError
 
 BBOX_FILE = "BBox_List_2017.csv"

@@ -5,7 +5,7 @@ init of the same architecture and seed, and ImageNet only when a local weights f
 (nothing is downloaded; the panel says it is absent otherwise). Per finding, a logistic head is
 fitted on all training positives and negatives of the task pool (features extracted once per
 backbone), Grad-CAM runs on up to ``max_images`` evaluation positives that have a ground-truth
-region, and each heatmap is scored by :mod:`analysis.localisation`.
+region, and each heatmap is scored by :mod:`cxrtune.analysis.localisation`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis.gradcam import GradcamConfig, HeadedBackbone, fit_head, gradcam_maps
-from analysis.ground_truth import GroundTruth
-from analysis.localisation import score_images, summarise_scores
+from cxrtune.analysis.gradcam import GradcamConfig, HeadedBackbone, fit_head, gradcam_maps
+from cxrtune.analysis.ground_truth import GroundTruth
+from cxrtune.analysis.localisation import score_images, summarise_scores
 from cxrtune.errors import CxrtuneError
 from cxrtune.evaluate.features import ExtractConfig, extract_features
 from cxrtune.sweepfolder import BACKBONE_FILE, SweepFolder, initial_results  # noqa: F401  (initial_results re-exported)
@@ -35,7 +35,7 @@ class BackboneEntry:
 @dataclasses.dataclass
 class Localisation:
     scores: pd.DataFrame  # per image: finding, backbone, image_id, hit, energy, area
-    summary: pd.DataFrame  # per finding x backbone (analysis.localisation.summarise_scores)
+    summary: pd.DataFrame  # per finding x backbone (cxrtune.analysis.localisation.summarise_scores)
     examples: dict[str, dict[str, Any]]  # finding -> {image, mask, maps: {label: heatmap}}
     backbones: list[BackboneEntry]
     ground_truth: str

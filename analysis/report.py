@@ -7,7 +7,7 @@ folder is built under a temporary name and renamed into place, so a failed run l
 report intact. When the sweep has an MLflow parent run (tag ``cxrtune.sweep = NAME``) in the
 tracking store, the folder is logged as its ``report/`` artifacts.
 
-Sections (:mod:`analysis.sections`): status, the study's tables (when a results.parquet exists),
+Sections (:mod:`cxrtune.analysis.sections`): status, the study's tables (when a results.parquet exists),
 shot curves and the disease x shots heatmap, the search, training health, localisation with
 Grad-CAM, cost. Grad-CAM takes minutes; the rest takes seconds, so a report written at the end of
 every sweep uses ``ReportConfig(localisation=False)``, which leaves the section out.
@@ -21,16 +21,19 @@ import datetime as _dt
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the checkout importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a script
+    try:
+        import cxrtune  # noqa: F401  (installed)
+    except ImportError:  # from a checkout that is not installed
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pandas as pd  # noqa: E402
 
-from analysis import document, webpage  # noqa: E402
-from analysis.gradcam import GradcamConfig  # noqa: E402
-from analysis.report_folder import log_to_mlflow, write_report_folder  # noqa: E402
-from analysis.sections import build_sections, sweep_colours  # noqa: E402
-from analysis.sweep_folder import load_sweep  # noqa: E402
+from cxrtune.analysis import document, webpage  # noqa: E402
+from cxrtune.analysis.gradcam import GradcamConfig  # noqa: E402
+from cxrtune.analysis.report_folder import log_to_mlflow, write_report_folder  # noqa: E402
+from cxrtune.analysis.sections import build_sections, sweep_colours  # noqa: E402
+from cxrtune.analysis.sweep_folder import load_sweep  # noqa: E402
 from cxrtune.config import Config, param  # noqa: E402
 from cxrtune.errors import CxrtuneError  # noqa: E402
 

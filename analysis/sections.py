@@ -1,4 +1,4 @@
-"""The sections of a sweep report, each a :class:`analysis.document.Section` built from the sweep
+"""The sections of a sweep report, each a :class:`cxrtune.analysis.document.Section` built from the sweep
 folder: status, the study's tables, the search, training health, localisation (Grad-CAM), cost.
 
 A section that lacks its inputs still appears, with a note saying what is missing and how to get
@@ -12,14 +12,14 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import pandas as pd
 
-from analysis import figures
-from analysis.document import Note, Paragraph, Section, Table, figure
-from analysis.palette import palette
-from analysis.sweep_folder import SweepFolder
-from analysis.tables import disease_shots_table, fmt, study_summary, wide_study_table
+from cxrtune.analysis import figures
+from cxrtune.analysis.document import Note, Paragraph, Section, Table, figure
+from cxrtune.analysis.palette import palette
+from cxrtune.analysis.sweep_folder import SweepFolder
+from cxrtune.analysis.tables import disease_shots_table, fmt, study_summary, wide_study_table
 
 if TYPE_CHECKING:
-    from analysis.report import ReportConfig
+    from cxrtune.analysis.report import ReportConfig
 
 
 def build_sections(sweep: SweepFolder, config: ReportConfig, colours: dict[str, str],
@@ -171,7 +171,7 @@ def localisation_section(sweep: SweepFolder, config: ReportConfig, colours: dict
     if isinstance(inputs, Note):
         return Section(*_LOCALISATION, [inputs])
     cache, truth, diseases = inputs
-    from analysis.localise import localise, sweep_backbones
+    from cxrtune.analysis.localise import localise, sweep_backbones
 
     entries = sweep_backbones(sweep.folder, sweep.objective, first_params(sweep), config.imagenet_weights)
     progress(f"Grad-CAM: {sum(e.backbone is not None for e in entries)} backbones x {len(diseases)} findings "
@@ -203,7 +203,7 @@ def _gradcam_inputs(sweep: SweepFolder, config: ReportConfig):
     if sweep.trials.empty or not cache_path or not Path(cache_path).is_dir():
         return Note("Grad-CAM needs a pretraining trial's image cache (params.json trial.cache)"
                     + (f"; {cache_path} does not exist on this machine." if cache_path else "; this sweep has none."))
-    from analysis.ground_truth import BBOX_FILE, GroundTruth
+    from cxrtune.analysis.ground_truth import BBOX_FILE, GroundTruth
     from cxrtune.data.cache import ImageCache
     from cxrtune.data.tasks import load_episodes
 
@@ -221,7 +221,7 @@ def default_boxes(cache) -> str | None:
     """<source root>/BBox_List_2017.csv when the cache was built from an NIH root that has it."""
     import ast
 
-    from analysis.ground_truth import BBOX_FILE
+    from cxrtune.analysis.ground_truth import BBOX_FILE
 
     described = cache.report.get("source")
     try:
@@ -254,7 +254,7 @@ def _auroc_beside(sweep: SweepFolder, label: str, finding: str, shots: int | Non
         part = part[part["evaluator"] == "probe"] if (part["evaluator"] == "probe").any() else part
         if not part.empty:
             return float(part[part["shots"] == part["shots"].max()]["auroc"].mean())
-    from analysis.localise import best_checkpoint_dir, initial_results
+    from cxrtune.analysis.localise import best_checkpoint_dir, initial_results
 
     path = None
     best = best_checkpoint_dir(sweep.folder, sweep.objective)

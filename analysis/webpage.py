@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.document import Figure, Note, Paragraph, Section, Table
+from cxrtune.analysis.document import Figure, Note, Paragraph, Section, Table
 
 #: cells printed right-aligned: numbers, "0.581 [0.48, 0.68]", "<0.001", "-0.02", and "–" (missing)
 _NUMERIC = re.compile(r"^([-<+]?\d+(\.\d+)?(\s*[\[/].*)?|–)$")

@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cxrtune.augment import BatchAugment
 from cxrtune.profiles import smoke, study
-from cxrtune.engine.train import build_optimizer
+from cxrtune.engine.train import build_optimizer, optimizer_step
 from cxrtune.methods import Progress, build_method, method_names
 from cxrtune.models.backbone import Backbone, build_backbone
 
@@ -71,11 +71,7 @@ def make_step(method_name: str, device: torch.device, tiny: bool, batch: int | N
         counter["step"] += 1
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
             loss = method.training_loss(images, augment, where)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        method.before_optimizer_step(where)
-        optimizer.step()
-        method.after_optimizer_step(where)
+        optimizer_step(method, optimizer, loss, where)
 
     return step, batch, config
 

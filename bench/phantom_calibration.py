@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import time
-import warnings
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 

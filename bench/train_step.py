@@ -18,7 +18,7 @@ import torch
 
 from cxrtune.augment import BatchAugment
 from cxrtune.profiles import cpu
-from cxrtune.engine.train import build_optimizer
+from cxrtune.engine.train import build_optimizer, optimizer_step
 from cxrtune.methods import Progress, build_method, method_names
 from cxrtune.models.backbone import build_backbone
 
@@ -34,12 +34,7 @@ def step_throughput(method_name: str, size: int, batch: int, steps: int, arch: s
 
     def one(step: int) -> None:
         where = Progress(epoch=1, step=step, steps_per_epoch=steps, epochs=2)
-        loss = method.training_loss(images, augment, where)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        method.before_optimizer_step(where)
-        optimizer.step()
-        method.after_optimizer_step(where)
+        optimizer_step(method, optimizer, method.training_loss(images, augment, where)["loss"], where)
 
     one(0)  # warm-up
     start = time.perf_counter()

@@ -47,20 +47,19 @@ _FULL_GRID = (1, 5, 10, 20, 50)
 class Profile:
     name: str
     note: str
+    fewshot_note: str
     preset: str
-    scale: Mapping[str, Any]
+    cache_size: int
     budget: Mapping[str, Any]
     probe: Mapping[str, Any]
-    cache_size: int
-    phantom: Mapping[str, Any]
     #: trials, concurrency, ASHA grace period, resources per trial; ``profile_point``: also
     #: evaluate the method's own preset values of the searched keys
     sweep: Mapping[str, Any]
     fewshot: Mapping[str, Any]
-    fewshot_phantom: Mapping[str, Any]
-    fewshot_note: str
+    scale: Mapping[str, Any] = field(default_factory=dict)
+    phantom: Mapping[str, Any] = field(default_factory=dict)
+    fewshot_phantom: Mapping[str, Any] = field(default_factory=lambda: {"n_pretrain": 0})
     gpu: bool = False
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
 
 PROFILES: dict[str, Profile] = {
@@ -87,7 +86,6 @@ PROFILES: dict[str, Profile] = {
         sweep={"num_samples": 4, "max_concurrent": 2, "grace_period": 1, "resources": {"cpu": 1}},
         fewshot={"eval.input_size": 64, "eval.crop_fraction": 1.0, "eval.finetune.epochs": 5,
                  "eval.shots": _FULL_GRID, "eval.trials": 5},
-        fewshot_phantom={"n_pretrain": 0},
         note=("minutes of CPU pretraining learn little: this run shows the whole workflow (search, tracking, "
               "comparison with random init, export), not a gain over random init; use --profile cpu (about an "
               "hour) for that"),
@@ -99,25 +97,24 @@ PROFILES: dict[str, Profile] = {
         name="cpu", preset="cpu", scale=_CPU_SCALE,
         budget={"train.epochs": 20, "train.checkpoint_every": 4, "train.time_limit_minutes": 56.0},
         probe={"probe.shots": (5, 20), "probe.trials": 10, "probe.test_negatives": "all", "probe.input_size": 64},
-        cache_size=64, phantom={},
+        cache_size=64,
         sweep={"num_samples": 2, "max_concurrent": 2, "grace_period": 20, "resources": {"cpu": 1},
                "profile_point": True},
         fewshot={"eval.input_size": 64, "eval.crop_fraction": 1.0, "eval.finetune.epochs": 20,
                  "eval.shots": _FULL_GRID, "eval.trials": 10},
-        fewshot_phantom={"n_pretrain": 0},
         note=("about an hour on 2 CPU cores: 20 epochs at 64 px; as a sweep, two trials side by side (the study's "
               "setting and the method's cpu preset), judged on every held-out image; on phantom version 6 the "
               "MoCo sweep's best trial measured +0.058 AUROC over random init, 95% CI [+0.018, +0.101]; the gain is "
               "small and one run does not always show it"),
         fewshot_note="the study's grid (10 trials) at 64 px"),
     "l4": Profile(
-        name="l4", preset="study", scale={}, budget={"train.checkpoint_every": 10},
+        name="l4", preset="study", budget={"train.checkpoint_every": 10},
         probe={"probe.shots": (5, 20), "probe.trials": 10, "probe.input_size": 224},
-        cache_size=256, phantom={},
+        cache_size=256,
         sweep={"num_samples": 16, "max_concurrent": 1, "grace_period": 50, "resources": {"cpu": 8, "gpu": 1}},
         fewshot={"eval.input_size": 224, "eval.crop_fraction": 224 / 256, "eval.finetune.epochs": 100,
                  "eval.shots": _FULL_GRID, "eval.trials": 10},
-        fewshot_phantom={"n_pretrain": 0}, gpu=True,
+        gpu=True,
         note="the study's settings on one 24 GB GPU: days per trial, as in the study",
         fewshot_note="the study's protocol at 224 px (finetuning 100 epochs)"),
 }

@@ -1,4 +1,4 @@
-"""``cxrtune report`` and ``cxrtune compare``: the command-line doors to :mod:`analysis`.
+"""``cxrtune report`` and ``cxrtune compare``: the command-line doors to :mod:`cxrtune.analysis`.
 
 The options are declared here (``python analysis/report.py`` uses the same ones); the analysis
 package (matplotlib, grad-cam) is imported only inside the commands, so ``cxrtune --help`` and
@@ -79,13 +79,13 @@ def add_compare_parser(commands) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from analysis.report import run
+    from cxrtune.analysis.report import run
 
     return run(args)
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from analysis.compare import run
+    from cxrtune.analysis.compare import run
 
     check_compare_arguments(args)
     return run(args)

@@ -102,6 +102,9 @@ def _unknown(key: str, known: Iterable[str], what: str, origin: str, method: str
 def _apply(flat: dict[str, Any], origin: dict[str, str], layer: str, values: Mapping[str, Any] | None,
            what: str, method: str | None = None, other_methods_silent: bool = False) -> None:
     for key, value in (values or {}).items():
+        if key == "method" and method is not None and value != method:
+            raise ConfigError(f"{layer}: method = {value!r} cannot be set here: this is a {method} run (a sweep "
+                              "script fixes its method; cxrtune pretrain takes --method)")
         if key not in flat:
             owner = key.split(".", 1)[0]
             if other_methods_silent and method is not None and owner in method_names() and owner != method:

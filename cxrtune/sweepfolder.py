@@ -107,28 +107,11 @@ class SweepFolder:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.export_dir = self.path / EXPORT_DIR
+        self.episodes = self.path / EPISODES_FILE
 
     def __repr__(self) -> str:
         return f"SweepFolder({str(self.path)!r})"
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-    def file(self, name: str) -> Path:
-        return self.path / name
-
-    @property
-    def export_dir(self) -> Path:
-        return self.path / EXPORT_DIR
-
-    @property
-    def report_dir(self) -> Path:
-        return self.path / REPORT_DIR
-
-    @property
-    def episodes(self) -> Path:
-        return self.path / EPISODES_FILE
 
     def trial_dirs(self) -> list[Path]:
         return tune_files.trial_dirs(self.path)

@@ -3,11 +3,7 @@
 The study's setting (lambda 0.005, AdamW lr 2.4e-3, ResNet18) is the first point evaluated.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
+import _checkout  # noqa: F401  (cxrtune importable from a checkout, installed or not)
 from ray import tune
 
 from cxrtune.sweep.cli import PretrainSweep, main
@@ -20,9 +16,8 @@ SWEEP = PretrainSweep(
         "optim.lr": tune.loguniform(2e-4, 1e-2),
     },
     seed_point={"barlow.lambda_offdiag": 0.005, "optim.lr": 2.4e-3},
-    objective="probe_auroc_20shot",
     description=__doc__,
 )
 
 if __name__ == "__main__":
-    sys.exit(main(SWEEP))
+    raise SystemExit(main(SWEEP))

@@ -10,11 +10,7 @@ recipe (LARS, lr 0.2, weight decay 1.5e-6); on the study or l4 profile fix them 
 ``--set optim.lr=0.2 --set optim.weight_decay=1.5e-6`` to search tau_base alone.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
+import _checkout  # noqa: F401  (cxrtune importable from a checkout, installed or not)
 from ray import tune
 
 from cxrtune.sweep.cli import PretrainSweep, main
@@ -28,9 +24,8 @@ SWEEP = PretrainSweep(
         "optim.weight_decay": tune.loguniform(1e-6, 1e-3),
     },
     seed_point={"byol.tau_base": 0.996, "optim.lr": 0.06, "optim.weight_decay": 5e-4},
-    objective="probe_auroc_20shot",
     description=__doc__,
 )
 
 if __name__ == "__main__":
-    sys.exit(main(SWEEP))
+    raise SystemExit(main(SWEEP))

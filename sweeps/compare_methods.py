@@ -5,14 +5,10 @@ with the linear probe and gradient finetuning: the study's two tables, with pair
         --imagenet-weights resnet50=resnet50-0676ba61.pth
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
+import _checkout  # noqa: F401  (cxrtune importable from a checkout, installed or not)
 from cxrtune.sweep.fewshot import FewshotSweep, main
 
 SWEEP = FewshotSweep(name="compare_methods", evaluators=("probe", "finetune"), description=__doc__)
 
 if __name__ == "__main__":
-    sys.exit(main(SWEEP))
+    raise SystemExit(main(SWEEP))

@@ -4,11 +4,7 @@ The study's DINO flatlined (loss stuck at 5.42) with teacher temperature 0.07 ->
 momentum 0.99; the reference recipe (teacher 0.04, centre momentum 0.9) is the first point here.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
+import _checkout  # noqa: F401  (cxrtune importable from a checkout, installed or not)
 from ray import tune
 
 from cxrtune.sweep.cli import PretrainSweep, main
@@ -22,9 +18,8 @@ SWEEP = PretrainSweep(
         "dino.center_momentum": tune.uniform(0.8, 0.99),
     },
     seed_point={"dino.teacher_temperature": 0.04, "dino.student_temperature": 0.1, "dino.center_momentum": 0.9},
-    objective="probe_auroc_20shot",
     description=__doc__,
 )
 
 if __name__ == "__main__":
-    sys.exit(main(SWEEP))
+    raise SystemExit(main(SWEEP))

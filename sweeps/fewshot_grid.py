@@ -4,14 +4,10 @@ shot grid, each (backbone x evaluator) a small trial packed with fractional reso
     python sweeps/fewshot_grid.py --checkpoint runs/moco/export/... --gpu 0.25
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
+import _checkout  # noqa: F401  (cxrtune importable from a checkout, installed or not)
 from cxrtune.sweep.fewshot import FewshotSweep, main
 
 SWEEP = FewshotSweep(name="fewshot_grid", evaluators=("probe",), description=__doc__)
 
 if __name__ == "__main__":
-    sys.exit(main(SWEEP))
+    raise SystemExit(main(SWEEP))

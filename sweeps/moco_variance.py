@@ -4,11 +4,7 @@ The study's setting (variance weight 1.0, temperature 0.07, lr 0.045) is the fir
 Each trial is judged by the mean linear-probe AUROC at 20 shots over the findings of the source.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
+import _checkout  # noqa: F401  (cxrtune importable from a checkout, installed or not)
 from ray import tune
 
 from cxrtune.sweep.cli import PretrainSweep, main
@@ -22,9 +18,8 @@ SWEEP = PretrainSweep(
         "optim.lr": tune.loguniform(0.005, 0.2),
     },
     seed_point={"moco.variance_weight": 1.0, "moco.temperature": 0.07, "optim.lr": 0.045},
-    objective="probe_auroc_20shot",
     description=__doc__,
 )
 
 if __name__ == "__main__":
-    sys.exit(main(SWEEP))
+    raise SystemExit(main(SWEEP))

@@ -3,11 +3,7 @@
 The study's setting (mask ratio 0.6, AdamW lr 3e-4) is the first point evaluated.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
+import _checkout  # noqa: F401  (cxrtune importable from a checkout, installed or not)
 from ray import tune
 
 from cxrtune.sweep.cli import PretrainSweep, main
@@ -20,9 +16,8 @@ SWEEP = PretrainSweep(
         "optim.lr": tune.loguniform(5e-5, 3e-3),
     },
     seed_point={"spark.mask_ratio": 0.6, "optim.lr": 3e-4},
-    objective="probe_auroc_20shot",
     description=__doc__,
 )
 
 if __name__ == "__main__":
-    sys.exit(main(SWEEP))
+    raise SystemExit(main(SWEEP))

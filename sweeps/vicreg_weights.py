@@ -7,11 +7,7 @@ AdamW lr 1e-3. The lr range is AdamW's: on the study or l4 profile (LARS at lr 0
 ``--set optim.lr=0.2`` and only the weights are searched.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
+import _checkout  # noqa: F401  (cxrtune importable from a checkout, installed or not)
 from ray import tune
 
 from cxrtune.sweep.cli import PretrainSweep, main
@@ -25,9 +21,8 @@ SWEEP = PretrainSweep(
         "optim.lr": tune.loguniform(2e-4, 1e-2),
     },
     seed_point={"vicreg.variance_weight": 25.0, "vicreg.covariance_weight": 1.0, "optim.lr": 1e-3},
-    objective="probe_auroc_20shot",
     description=__doc__,
 )
 
 if __name__ == "__main__":
-    sys.exit(main(SWEEP))
+    raise SystemExit(main(SWEEP))

@@ -40,3 +40,55 @@ def homogeneous_images(n: int = 64, size: int = 32, seed: int = 0, contrast: flo
             img += contrast * (((yy - cy) ** 2 + (xx - cx) ** 2) < r * r)
         out[i] = np.clip(img * 255, 0, 255).astype(np.uint8)
     return out
+
+
+# -- a method at smoke size, for the per-method tests ----------------------------------------------
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Small ResNets train faster (and alike on every machine) on one thread; restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def method_setup(name: str, **overrides):
+    """(config, method, optimizer, 16 blob images) of ``name`` at smoke size, seeded."""
+    from cxrtune.engine.train import build_optimizer
+    from cxrtune.methods import build_method
+    from cxrtune.models.backbone import build_backbone
+    from cxrtune.profiles import smoke
+
+    config = smoke(name).override(overrides)
+    torch.manual_seed(0)
+    method = build_method(name, build_backbone("resnet18"), config.method_config())
+    return config, method, build_optimizer(method, config), torch.from_numpy(blob_images(16, 40))
+
+
+def mean_loss(method, config, images, seeds=(97, 98, 99)) -> float:
+    """Mean loss over fixed views (three seeds), so a comparison does not hinge on one draw."""
+    from cxrtune.augment import BatchAugment
+    from cxrtune.methods import Progress
+
+    total = 0.0
+    for seed in seeds:
+        augment = BatchAugment(config.augment, config.train.image_size, torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            total += float(method.training_loss(images, augment, Progress(0, 0, 1, 1))["loss"])
+    return total / len(seeds)
+
+
+def train_steps(method, config, optimizer, images, steps: int, epoch: int = 1, epochs: int = 2) -> None:
+    """``steps`` optimiser steps on fixed-seed views, with the method's hooks as the engine calls them."""
+    from cxrtune.augment import BatchAugment
+    from cxrtune.engine.train import optimizer_step
+    from cxrtune.methods import Progress
+
+    augment = BatchAugment(config.augment, config.train.image_size, torch.Generator().manual_seed(0))
+    for step in range(steps):
+        where = Progress(epoch=epoch, step=step, steps_per_epoch=steps, epochs=epochs)
+        optimizer_step(method, optimizer, method.training_loss(images, augment, where)["loss"], where)

@@ -103,10 +103,34 @@ def tune_knows_checkpoint(sweep_folder: Path, trial_id: str) -> bool:
 
 
 def load_sweep_script(name: str):
-    """The ``SWEEP`` a script in sweeps/ declares, loaded as the script's own module."""
+    """The ``SWEEP`` a script in sweeps/ declares, loaded as the script's own module (with sweeps/ on
+    the path, as when the script runs)."""
     import importlib.util
+    import sys
+
+    if str(ROOT / "sweeps") not in sys.path:
+        sys.path.append(str(ROOT / "sweeps"))
 
     spec = importlib.util.spec_from_file_location(f"sweep_script_{name}", ROOT / "sweeps" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.SWEEP
+
+
+def write_tune_trial(folder: Path, trial_id: str, values: list[float], seed: int,
+                     metric: str = "probe_auroc_20shot") -> Path:
+    """A trial folder as Tune and the trainable leave it: params.json, one report per value in
+    result.json, each naming a checkpoint folder that holds a backbone."""
+    from cxrtune.models.backbone import build_backbone, save_backbone
+
+    trial_dir = Path(folder) / f"pretrain_{trial_id}"
+    trial_dir.mkdir(parents=True)
+    (trial_dir / "params.json").write_text(json.dumps({"method": "moco", "optim.lr": 0.01 * seed}))
+    lines = []
+    for i, value in enumerate(values, start=1):
+        name = f"checkpoint_{i:06d}"
+        save_backbone(build_backbone("resnet18", seed=seed * 100 + i), trial_dir / name / "backbone.pt")
+        lines.append(json.dumps({metric: value, "training_iteration": i, "checkpoint_dir_name": name,
+                                 "trial_id": trial_id}))
+    (trial_dir / "result.json").write_text("\n".join(lines) + "\n")
+    return trial_dir

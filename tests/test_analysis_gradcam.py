@@ -9,7 +9,7 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from analysis.gradcam import GradcamConfig, HeadedBackbone, fit_head, gradcam_maps, headed_backbone
+from cxrtune.analysis.gradcam import GradcamConfig, HeadedBackbone, fit_head, gradcam_maps, headed_backbone
 from cxrtune.errors import TaskError
 from cxrtune.evaluate.preprocess import preprocess
 from cxrtune.models.backbone import Backbone
@@ -76,9 +76,9 @@ def test_localise_scores_nih_style_boxes_end_to_end(tmp_path):
     import pandas as pd
 
     from _analysis_fixtures import FakeCache
-    from analysis.ground_truth import GroundTruth
-    from analysis.localisation import boxes_to_mask, energy_inside, pointing_hit
-    from analysis.localise import BackboneEntry, localise
+    from cxrtune.analysis.ground_truth import GroundTruth
+    from cxrtune.analysis.localisation import boxes_to_mask, energy_inside, pointing_hit
+    from cxrtune.analysis.localise import BackboneEntry, localise
 
     side = 32
     ids = [f"{k:08d}_000.png" for k in range(20)]
@@ -109,7 +109,7 @@ def test_localise_scores_nih_style_boxes_end_to_end(tmp_path):
 def test_imagenet_appears_only_with_a_local_weights_file(tmp_path):
     import torchvision
 
-    from analysis.localise import sweep_backbones
+    from cxrtune.analysis.localise import sweep_backbones
 
     params = {"model.arch": "resnet18", "train.seed": 0}
     entries = sweep_backbones(tmp_path, None, params)

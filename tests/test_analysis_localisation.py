@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from _analysis_fixtures import FakeCache
-from analysis.ground_truth import GroundTruth, read_nih_boxes, to_cache_box
-from analysis.localisation import boxes_to_mask, energy_inside, pointing_hit, score_images, summarise_scores
+from cxrtune.analysis.ground_truth import GroundTruth, read_nih_boxes, to_cache_box
+from cxrtune.analysis.localisation import boxes_to_mask, energy_inside, pointing_hit, score_images, summarise_scores
 from cxrtune.errors import DataError
 
 
@@ -95,7 +95,7 @@ def test_a_broken_box_file_is_refused_with_its_row(tmp_path):
 
 
 def test_the_box_file_is_found_in_the_nih_root_the_cache_was_built_from(tmp_path):
-    from analysis.sections import default_boxes as _default_boxes
+    from cxrtune.analysis.sections import default_boxes as _default_boxes
 
     cache = FakeCache(tmp_path, pd.DataFrame({"image_id": ["a.png"]}), 16)
     cache.report = {"source": {"source": "nih", "root": str(tmp_path)}}

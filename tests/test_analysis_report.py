@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 
 from _analysis_fixtures import episodes_table, results_table, sweep_folder
-from analysis.compare import CompareError, compare
-from analysis.report import ReportConfig, build_report, main
-from analysis.sweep_folder import SweepFolderError, load_sweep
+from cxrtune.analysis.compare import CompareError, compare
+from cxrtune.analysis.report import ReportConfig, build_report, main
+from cxrtune.analysis.sweep_folder import SweepFolderError, load_sweep
 
 SECTIONS = ("status", "study", "search", "health", "localisation", "cost")
 
@@ -99,8 +99,8 @@ def test_every_section_renders_and_study_numbers_equal_the_parquet(tmp_path):
 def test_the_page_escapes_every_text_and_prints_each_cell_as_it_is():
     import re
 
-    from analysis.document import Note, Paragraph, Section, Table
-    from analysis.webpage import page
+    from cxrtune.analysis.document import Note, Paragraph, Section, Table
+    from cxrtune.analysis.webpage import page
 
     frame = pd.DataFrame({"name <b>": ["moco_variance", "<script>x</script>"], "p": ["<0.001", "0.50 [0.4, 0.6]"]})
     sections = [Section("s", "S <i>", [Note("<script>alert(1)</script>", warn=True), Paragraph("x < y & z"),

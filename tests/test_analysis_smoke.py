@@ -3,16 +3,14 @@ sweep and MLflow store under tmp_path)."""
 
 from __future__ import annotations
 
-import importlib.util
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
-ray = pytest.importorskip("ray")
+from _sweep_fixtures import load_sweep_script
 
-ROOT = Path(__file__).resolve().parents[1]
+ray = pytest.importorskip("ray")
 
 
 @pytest.fixture(scope="module")
@@ -21,14 +19,13 @@ def smoke(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("CXRTUNE_CACHE", str(path / "cache"))
     mp.chdir(path)
-    spec = importlib.util.spec_from_file_location("sweep_moco_variance", ROOT / "sweeps" / "moco_variance.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    sweep = load_sweep_script("moco_variance")
     from cxrtune.sweep.cli import main
 
     uri = f"sqlite:///{path / 'mlflow.db'}"
-    assert main(script.SWEEP, ["--profile", "smoke", "--storage", str(path / "runs"), "--tracking-uri", uri,
-                               "--cpus", "2"]) == 0
+    # the end-of-sweep report is tested on the smoke sweep (test_sweep_smoke.py); here the report is built below
+    assert main(sweep, ["--profile", "smoke", "--no-report", "--storage", str(path / "runs"), "--tracking-uri", uri,
+                        "--cpus", "2"]) == 0
     yield path, uri
     mp.undo()
     if ray.is_initialized():
@@ -37,9 +34,9 @@ def smoke(tmp_path_factory):
 
 @pytest.mark.slow
 def test_report_and_compare_on_a_smoke_sweep(smoke, capsys):
-    from analysis.compare import compare
-    from analysis.gradcam import GradcamConfig
-    from analysis.report import ReportConfig, build_report
+    from cxrtune.analysis.compare import compare
+    from cxrtune.analysis.gradcam import GradcamConfig
+    from cxrtune.analysis.report import ReportConfig, build_report
 
     path, uri = smoke
     runs = path / "runs"
@@ -79,7 +76,7 @@ def test_report_and_compare_on_a_smoke_sweep(smoke, capsys):
 
 @pytest.mark.slow
 def test_the_end_of_sweep_report_leaves_out_localisation_and_keeps_every_other_table(smoke, capsys):
-    from analysis.report import ReportConfig, build_report
+    from cxrtune.analysis.report import ReportConfig, build_report
 
     path, uri = smoke
     runs = path / "runs"

@@ -8,8 +8,8 @@ import pytest
 from scipy import stats
 
 from _analysis_fixtures import results_table
-from analysis.palette import palette
-from analysis.tables import baselines_of, study_summary, wide_study_table
+from cxrtune.analysis.palette import palette
+from cxrtune.analysis.tables import baselines_of, study_summary, wide_study_table
 
 
 def test_summary_means_cis_and_pvalues_match_an_independent_computation():
@@ -60,8 +60,8 @@ def test_palette_gives_each_name_one_stable_colour_and_baselines_fixed_ones():
 def test_figures_share_one_colour_per_backbone_and_colour_trials_by_status():
     import matplotlib.colors as mcolors
 
-    from analysis import figures
-    from analysis.palette import status_colour
+    from cxrtune.analysis import figures
+    from cxrtune.analysis.palette import status_colour
 
     summary = study_summary(results_table())
     colours = palette(set(summary["backbone"]))

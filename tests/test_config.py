@@ -85,3 +85,17 @@ def test_describe_lists_every_leaf_with_its_range():
 def test_unflatten_rejects_conflicting_keys():
     with pytest.raises(ConfigError):
         unflatten({"a": 1, "a.b": 2})
+
+
+def test_a_resolved_config_refuses_another_method_and_names_the_layer():
+    from cxrtune.resolve import resolve_pretrain
+
+    with pytest.raises(ConfigError, match="--set: method = 'dino' cannot be set here: this is a moco run"):
+        resolve_pretrain("smoke", "moco", sets={"method": "dino"})
+    with pytest.raises(ConfigError, match="sweep script x: config key 'dino.out_dim' belongs to method dino"):
+        resolve_pretrain("smoke", "moco", fixed={"dino.out_dim": 8}, fixed_origin="sweep script x")
+    with pytest.raises(ConfigError, match=r"searched: unknown config key 'optim.weight_decy'.*did you mean optim.weight_decay"):
+        resolve_pretrain("smoke", "moco", point={"optim.weight_decy": 0.1})
+    resolved = resolve_pretrain("smoke", "moco", sets={"method": "moco", "optim.lr": 0.5}, point={"moco.temperature": 0.1})
+    assert resolved.origin["optim.lr"] == "--set" and resolved.origin["moco.temperature"] == "searched"
+    assert resolved.pretrain.optim.lr == 0.5 and resolved.pretrain.moco.temperature == 0.1

@@ -8,17 +8,12 @@ import torch
 import torchvision
 
 from cxrtune.engine import pretrain
-from cxrtune.profiles import smoke
 from cxrtune.models.backbone import Backbone, CheckpointError, build_backbone
-from tests._engine_fixtures import blob_images
+from cxrtune.profiles import smoke
+from tests._engine_fixtures import blob_images, one_torch_thread  # noqa: F401
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_imagenet_format_weights_load_into_grey_and_rgb_stems_alike(tmp_path):

@@ -8,30 +8,17 @@ import pytest
 import torch
 import torchvision
 
+from _sweep_fixtures import write_tune_trial
 from cxrtune.errors import CxrtuneError
 from cxrtune.export import export_best, register_in_mlflow
-from cxrtune.models.backbone import build_backbone, save_backbone
-
-
-def _trial(folder, trial_id, values, seed):
-    trial_dir = folder / f"pretrain_{trial_id}"
-    trial_dir.mkdir(parents=True)
-    (trial_dir / "params.json").write_text(json.dumps({"method": "moco", "optim.lr": 0.01 * seed}))
-    lines = []
-    for i, value in enumerate(values, start=1):
-        name = f"checkpoint_{i:06d}"
-        save_backbone(build_backbone("resnet18", seed=seed * 100 + i), trial_dir / name / "backbone.pt")
-        lines.append(json.dumps({"probe_auroc_20shot": value, "training_iteration": i,
-                                 "checkpoint_dir_name": name, "trial_id": trial_id}))
-    (trial_dir / "result.json").write_text("\n".join(lines) + "\n")
-    return trial_dir
+from cxrtune.models.backbone import build_backbone
 
 
 @pytest.fixture
 def sweep(tmp_path):
     folder = tmp_path / "runs" / "moco_variance"
-    _trial(folder, "aaa", [0.55, 0.61], seed=1)
-    _trial(folder, "bbb", [0.58, 0.66, 0.63], seed=2)  # best report: iteration 2 of bbb
+    write_tune_trial(folder, "aaa", [0.55, 0.61], seed=1)
+    write_tune_trial(folder, "bbb", [0.58, 0.66, 0.63], seed=2)  # best report: iteration 2 of bbb
     return folder
 
 

@@ -11,24 +11,11 @@ import torch
 
 import cxrtune.export as export_module
 from cxrtune.cli import main
+from _sweep_fixtures import write_tune_trial
 from cxrtune.errors import CxrtuneError
 from cxrtune.export import EXPORT_FILES, MARKER_FILE, export_best
-from cxrtune.models.backbone import build_backbone, save_backbone
 
 METRIC = "probe_auroc_20shot"
-
-
-def _trial(folder: Path, trial_id: str, values: list[float], seed: int) -> None:
-    trial_dir = folder / f"pretrain_{trial_id}"
-    trial_dir.mkdir(parents=True)
-    (trial_dir / "params.json").write_text(json.dumps({"method": "moco", "optim.lr": 0.01 * seed}))
-    lines = []
-    for i, value in enumerate(values, start=1):
-        name = f"checkpoint_{i:06d}"
-        save_backbone(build_backbone("resnet18", seed=seed * 100 + i), trial_dir / name / "backbone.pt")
-        lines.append(json.dumps({METRIC: value, "training_iteration": i, "checkpoint_dir_name": name,
-                                 "trial_id": trial_id}))
-    (trial_dir / "result.json").write_text("\n".join(lines) + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +23,8 @@ def storage(tmp_path_factory):
     """runs/moco_variance: trial aaa (0.55), trial bbb (0.66, the best), plus an optuna.db."""
     runs = tmp_path_factory.mktemp("runs")
     sweep = runs / "moco_variance"
-    _trial(sweep, "aaa", [0.55], seed=1)
-    _trial(sweep, "bbb", [0.66], seed=2)
+    write_tune_trial(sweep, "aaa", [0.55], seed=1)
+    write_tune_trial(sweep, "bbb", [0.66], seed=2)
     (sweep / "optuna.db").write_bytes(b"SQLite format 3\0")
     return runs
 
@@ -80,7 +67,7 @@ def test_force_onto_a_user_folder_is_refused_and_its_files_stay(storage, tmp_pat
 
 def test_force_onto_a_sweep_folder_is_refused_as_a_sweep(storage, tmp_path, capsys):
     other = storage / "other_sweep"
-    _trial(other, "ccc", [0.5], seed=3)
+    write_tune_trial(other, "ccc", [0.5], seed=3)
     (other / "experiment_state-2024-01-01_00-00-00.json").write_text("{}")
     (other / "optuna.db").write_bytes(b"SQLite format 3\0")
     before = _snapshot(other)
@@ -117,7 +104,7 @@ def test_force_replaces_an_earlier_export_and_updates_its_marker(storage, tmp_pa
 def test_an_export_from_before_the_marker_is_replaced_by_the_sweep_driver_call(storage, tmp_path):
     """The sweep driver calls export_best(folder, objective, "max", force=True) into <sweep>/export."""
     sweep = tmp_path / "copy"
-    _trial(sweep, "ddd", [0.7], seed=4)
+    write_tune_trial(sweep, "ddd", [0.7], seed=4)
     out = export_best(sweep, METRIC)
     (out / MARKER_FILE).unlink()  # what an older cxrtune left there
     out = export_best(sweep, METRIC, "max", force=True)

@@ -10,23 +10,15 @@ import torch
 from torch import nn
 
 from cxrtune.augment import BatchAugment
-from cxrtune.engine.config import PretrainConfig
-from cxrtune.engine.train import build_optimizer
 from cxrtune.losses.byol import byol_loss, regression_loss
-from cxrtune.methods import Progress, build_method, get_method, method_names
+from cxrtune.methods import Progress
 from cxrtune.methods.byol import Byol, ByolConfig
 from cxrtune.models.backbone import build_backbone
-from cxrtune.profiles import smoke
 from cxrtune.resolve import resolve_pretrain
-from tests._engine_fixtures import blob_images
+from tests._engine_fixtures import mean_loss as _eval_loss, method_setup, one_torch_thread  # noqa: F401
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -- the loss -------------------------------------------------------------------------------------
@@ -98,15 +90,6 @@ def test_bad_shapes_are_refused_naming_them(shape_p, shape_t):
 
 
 # -- the method -----------------------------------------------------------------------------------
-def _setup(**overrides):
-    config = smoke("byol").override(overrides)
-    torch.manual_seed(0)
-    method = build_method("byol", build_backbone("resnet18"), config.method_config())
-    optimizer = build_optimizer(method, config)
-    images = torch.from_numpy(blob_images(16, 40))
-    return config, method, optimizer, images
-
-
 def _paper_tau(tau_base, k, total):
     """The paper's schedule, written out: tau = 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2."""
     return 1 - (1 - tau_base) * (math.cos(math.pi * k / total) + 1) / 2
@@ -185,29 +168,11 @@ def test_one_step_trains_the_online_network_only_and_moves_the_target_by_the_sch
     assert any(not torch.equal(params[n], online_before[n]) for n in online_before if n.startswith("predictor."))
 
 
-# -- the registry ---------------------------------------------------------------------------------
-def test_the_registry_sees_byol_with_its_presets():
-    assert "byol" in method_names()
-    entry = get_method("byol")
-    assert entry.config is ByolConfig and entry.cls is Byol
-    resolved = resolve_pretrain("cpu", "byol")
-    block = resolved.pretrain.method_config()
-    assert type(block) is ByolConfig and resolved.pretrain.byol is block
-    preset = entry.preset("cpu")
-    assert preset["byol.tau_base"] == 0.99
-    for key, value in preset.items():
-        assert resolved.flat[key] == value, key
-        assert resolved.origin[key] == "method byol: cpu preset", key
-        if key.startswith("byol."):
-            assert getattr(block, key.split(".", 1)[1]) == value, key
-    assert resolved.pretrain.optim.optimizer == "sgd" and not resolved.pretrain.train.grad_checkpointing
+# -- its recipe ------------------------------------------------------------------------------------
+def test_the_study_preset_is_the_papers_recipe_on_one_gpu():
     study = resolve_pretrain("study", "byol").pretrain
     assert study.optim.optimizer == "lars" and study.model.arch == "resnet50" and study.byol == ByolConfig()
 
 
-def test_a_byol_config_holds_its_own_block_only():
-    others = [m for m in method_names() if m != "byol"]
-    for flat in (resolve_pretrain("cpu", "byol").flat, PretrainConfig(method="byol").to_flat(), smoke("byol").to_flat()):
-        assert not any(k.startswith("moco.") for k in flat)
-        assert not [k for k in flat if k.split(".", 1)[0] in others]
-        assert {"byol.projector_hidden", "byol.projector_out", "byol.predictor_hidden", "byol.tau_base"} <= set(flat)
+def _setup(**overrides):
+    return method_setup("byol", **overrides)

@@ -10,23 +10,15 @@ import torch
 from torch import nn
 
 from cxrtune.augment import BatchAugment
-from cxrtune.engine.config import PretrainConfig
-from cxrtune.engine.train import build_optimizer
 from cxrtune.losses.vicreg import covariance_term, invariance_term, variance_term, vicreg_loss
-from cxrtune.methods import Progress, build_method, get_method, method_names
+from cxrtune.methods import Progress
 from cxrtune.methods.vicreg import Vicreg, VicregConfig
 from cxrtune.models.backbone import build_backbone
-from cxrtune.profiles import smoke
 from cxrtune.resolve import resolve_pretrain
-from tests._engine_fixtures import blob_images
+from tests._engine_fixtures import mean_loss as _eval_loss, method_setup, one_torch_thread  # noqa: F401
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -- the loss -------------------------------------------------------------------------------------
@@ -137,25 +129,6 @@ def test_single_branch_terms_refuse_bad_shapes():
 
 
 # -- the method -----------------------------------------------------------------------------------
-def _setup(**overrides):
-    config = smoke("vicreg").override(overrides)
-    torch.manual_seed(0)
-    method = build_method("vicreg", build_backbone("resnet18"), config.method_config())
-    optimizer = build_optimizer(method, config)
-    images = torch.from_numpy(blob_images(16, 40))
-    return config, method, optimizer, images
-
-
-def _eval_loss(method, config, images, seeds=(97, 98, 99)):
-    """Mean loss over fixed views (three seeds), so a comparison does not hinge on one draw."""
-    total = 0.0
-    for seed in seeds:
-        augment = BatchAugment(config.augment, config.train.image_size, torch.Generator().manual_seed(seed))
-        with torch.no_grad():
-            total += float(method.training_loss(images, augment, Progress(0, 0, 1, 1))["loss"])
-    return total / len(seeds)
-
-
 def test_expander_is_linear_bn_relu_twice_then_a_linear_without_bias():
     method = Vicreg(build_backbone("resnet18"), VicregConfig(expander_dims=(32, 32, 16)))
     kinds = [type(m) for m in method.expander]
@@ -185,32 +158,11 @@ def test_vicreg_loss_falls_on_two_views_and_both_branches_get_gradients():
     assert after < 0.92 * before  # measured: 0.84 (22.2 -> 18.7; invariance 0.23 -> 0.18, variance 0.66 -> 0.51)
 
 
-# -- the registry ---------------------------------------------------------------------------------
-def test_the_registry_sees_vicreg_with_its_presets():
-    assert "vicreg" in method_names()
-    entry = get_method("vicreg")
-    assert entry.config is VicregConfig and entry.cls is Vicreg
-    resolved = resolve_pretrain("cpu", "vicreg")
-    block = resolved.pretrain.method_config()
-    assert type(block) is VicregConfig and resolved.pretrain.vicreg is block
-    preset = entry.preset("cpu")
-    assert preset["vicreg.expander_dims"] == [1024, 1024, 1024]
-    for key, value in preset.items():
-        assert resolved.flat[key] == value, key
-        assert resolved.origin[key] == "method vicreg: cpu preset", key
-        if key.startswith("vicreg."):
-            got = getattr(block, key.split(".", 1)[1])
-            assert (list(got) if isinstance(got, tuple) else got) == value, key
-    assert resolved.pretrain.optim.optimizer == "adamw" and not resolved.pretrain.train.grad_checkpointing
+# -- its recipe ------------------------------------------------------------------------------------
+def test_the_study_preset_is_the_papers_recipe_on_one_gpu():
     study = resolve_pretrain("study", "vicreg").pretrain
     assert study.optim.optimizer == "lars" and study.model.arch == "resnet50" and study.vicreg == VicregConfig()
 
 
-def test_a_vicreg_config_holds_its_own_block_only():
-    others = [m for m in method_names() if m != "vicreg"]
-    for flat in (resolve_pretrain("cpu", "vicreg").flat, PretrainConfig(method="vicreg").to_flat(),
-                 smoke("vicreg").to_flat()):
-        assert not any(k.startswith("moco.") for k in flat)
-        assert not [k for k in flat if k.split(".", 1)[0] in others]
-        assert {"vicreg.expander_dims", "vicreg.invariance_weight", "vicreg.variance_weight",
-                "vicreg.covariance_weight"} <= set(flat)
+def _setup(**overrides):
+    return method_setup("vicreg", **overrides)

@@ -7,52 +7,18 @@ import pytest
 import torch
 
 from cxrtune.augment import BatchAugment
-from cxrtune.profiles import smoke
-from cxrtune.engine.train import build_optimizer
-from cxrtune.methods import Progress, build_method
+from cxrtune.engine.config import PretrainConfig
+from cxrtune.methods import Progress, build_method, get_method, method_names
 from cxrtune.methods.base import cosine_increase
 from cxrtune.methods.spark import random_patch_mask
 from cxrtune.models.backbone import build_backbone
-from tests._engine_fixtures import blob_images
+from cxrtune.profiles import smoke
+from cxrtune.resolve import resolve_pretrain
+from tests._engine_fixtures import mean_loss as _eval_loss, method_setup as _setup, one_torch_thread  # noqa: F401
+from tests._engine_fixtures import train_steps as _train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _setup(name: str, **overrides):
-    config = smoke(name).override(overrides)
-    torch.manual_seed(0)
-    method = build_method(name, build_backbone("resnet18"), config.method_config())
-    optimizer = build_optimizer(method, config)
-    images = torch.from_numpy(blob_images(16, 40))
-    return config, method, optimizer, images
-
-
-def _eval_loss(method, config, images, seeds=(97, 98, 99)):
-    """Mean loss over fixed views (three seeds), so a comparison does not hinge on one draw."""
-    total = 0.0
-    for seed in seeds:
-        augment = BatchAugment(config.augment, config.train.image_size, torch.Generator().manual_seed(seed))
-        with torch.no_grad():
-            total += float(method.training_loss(images, augment, Progress(0, 0, 1, 1))["loss"])
-    return total / len(seeds)
-
-
-def _train(method, config, optimizer, images, steps):
-    augment = BatchAugment(config.augment, config.train.image_size, torch.Generator().manual_seed(0))
-    for step in range(steps):
-        where = Progress(epoch=1, step=step, steps_per_epoch=steps, epochs=2)
-        loss = method.training_loss(images, augment, where)["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        method.before_optimizer_step(where)
-        optimizer.step()
-        method.after_optimizer_step(where)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_barlow_loss_falls_on_two_views():
@@ -133,3 +99,28 @@ def test_moco_queue_and_key_encoder():
     # The queue wraps around: 64 slots, 16 per step.
     _train(method, config, optimizer, images, 4)
     assert int(method.queue_ptr) == (16 * 5) % 64
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_every_registered_method_resolves_its_presets_and_holds_its_own_block_only(name):
+    """The registry's presets land in the resolved config with their provenance, the block is the
+    method's own config class, and no other method's keys appear anywhere in the config."""
+    entry = get_method(name)
+    others = [m for m in method_names() if m != name]
+    for profile, preset in (("cpu", "cpu"), ("smoke", "smoke"), ("study", "study")):
+        resolved = resolve_pretrain(profile, name)
+        block = resolved.pretrain.method_config()
+        assert type(block) is entry.config and getattr(resolved.pretrain, name) is block
+        budget = {k for layer in ("budget", "probe") for k, o in resolved.origin.items() if o == f"profile {profile}: {layer}"}
+        for key, value in entry.preset(preset).items():
+            if key in budget:
+                continue  # the profile's budget wins over a method's preset (e.g. epochs)
+            assert resolved.flat[key] == value, (profile, key)
+            assert resolved.origin[key].startswith(f"method {name}: "), (profile, key)
+            if key.startswith(f"{name}."):
+                assert getattr(block, key.split(".", 1)[1]) == (tuple(value) if isinstance(value, list) else value)
+        for flat in (resolved.flat, PretrainConfig(method=name).to_flat()):
+            assert not [k for k in flat if k.split(".", 1)[0] in others], (profile, name)
+        with pytest.raises(AttributeError, match="holds its method's block only"):
+            getattr(resolved.pretrain, others[0])
+    assert build_method(name, build_backbone("resnet18"), smoke(name).method_config()).name == name

@@ -10,7 +10,7 @@ import shutil
 import pandas as pd
 from ray.tune import Result
 
-from analysis.localise import best_checkpoint_dir
+from cxrtune.analysis.localise import best_checkpoint_dir
 from cxrtune.models.backbone import build_backbone, save_backbone
 from cxrtune.sweep.summary import summarise
 from cxrtune.sweepfolder import INITIAL_RESULTS, STATE_FILE

@@ -30,7 +30,7 @@ EPOCHS = 4
 
 
 def _command(tmp: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(ROOT / "sweeps" / "moco_variance.py"), "--profile", "smoke",
+    return [sys.executable, str(ROOT / "sweeps" / "moco_variance.py"), "--profile", "smoke", "--no-report",
             "--num-samples", "2", "--max-concurrent", "2", "--cpus", "2", "--set", f"train.epochs={EPOCHS}",
             "--storage", str(tmp / "runs"), "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}",
             *PHANTOM_OPTIONS, *extra]

@@ -40,7 +40,7 @@ PRETRAIN_STEPS = 96 // 16
 
 
 def _command(tmp: Path, eval_root: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(ROOT / "sweeps" / "moco_variance.py"), "--profile", "smoke",
+    return [sys.executable, str(ROOT / "sweeps" / "moco_variance.py"), "--profile", "smoke", "--no-report",
             "--num-samples", "2", "--max-concurrent", "1", "--cpus", "2",
             "--storage", str(tmp / "runs"), "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}",
             "--eval-source", "csv", "--eval-root", str(eval_root), *PHANTOM_OPTIONS, *extra]

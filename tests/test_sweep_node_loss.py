@@ -85,7 +85,7 @@ def node_lost(tmp_path_factory):
         cluster.wait_for_nodes()
         worker_raylet = _raylet_pid(worker)
         env = subprocess_env(tmp / "cache", ray_tmp, TUNE_GLOBAL_CHECKPOINT_S="1")
-        command = [sys.executable, str(ROOT / "sweeps" / "moco_variance.py"), "--profile", "smoke",
+        command = [sys.executable, str(ROOT / "sweeps" / "moco_variance.py"), "--profile", "smoke", "--no-report",
                    "--num-samples", "2", "--max-concurrent", "2", "--address", cluster.address,
                    "--storage", str(tmp / "runs"), "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}",
                    "--eval-source", "csv", "--eval-root", str(archive["root"]), *PHANTOM_OPTIONS]

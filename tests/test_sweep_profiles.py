@@ -22,7 +22,7 @@ from cxrtune.profiles import PROFILES
 from cxrtune.sweep.cli import PretrainSweep, main, resolve as resolve_config, search_points
 
 ROOT = Path(__file__).resolve().parents[1]
-METHOD_SWEEPS = tuple(p.stem for p in sorted((ROOT / "sweeps").glob("*.py"))
+METHOD_SWEEPS = tuple(p.stem for p in sorted((ROOT / "sweeps").glob("[!_]*.py"))
                       if isinstance(load_sweep(p.stem), PretrainSweep))
 
 

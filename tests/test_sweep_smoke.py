@@ -73,7 +73,7 @@ def smoke_sweep(workdir):
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         code = main(sweep, ["--profile", "smoke", "--storage", str(workdir / "runs"), "--tracking-uri", uri,
-                                   "--cpus", "2"])
+                            "--cpus", "2"])
     assert code == 0
     (workdir / "driver-stdout.txt").write_text(printed.getvalue())
     return workdir / "runs" / "moco_variance", uri
@@ -144,12 +144,25 @@ def test_smoke_sweep_exports_a_backbone_that_loads_into_torchvision(smoke_sweep)
     assert (folder / "trials.csv").is_file() and (folder / "optuna.db").is_file()
 
 
+def test_the_sweep_writes_its_report_when_it_ends(smoke_sweep, workdir):
+    """By default (no --no-report) the sweep's HTML report is written and logged to the parent run;
+    the end-of-sweep report leaves out the slow Grad-CAM section."""
+    folder, uri = smoke_sweep
+    html = (folder / "report" / "report.html").read_text()
+    assert "moco_variance" in html and "Localisation" not in html
+    assert f"report: {folder / 'report' / 'report.html'}" in (workdir / "driver-stdout.txt").read_text()
+    client = mlflow.tracking.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("cxrtune/moco_variance")
+    [parent] = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("cxrtune.role") == "sweep"]
+    assert "report" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
 def test_a_diverging_trial_ends_as_diverged_and_the_sweep_finishes(workdir, smoke_sweep):
     from cxrtune.sweep.cli import main
 
     sweep = load_sweep_script("moco_variance")
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    code = main(sweep, ["--profile", "smoke", "--storage", str(workdir / "runs"), "--tracking-uri", uri,
+    code = main(sweep, ["--profile", "smoke", "--no-report", "--storage", str(workdir / "runs"), "--tracking-uri", uri,
                         "--name", "diverging", "--num-samples", "1",
                         "--set", "optim.lr=1e30", "--set", "optim.clip_grad_norm=0"])
     assert code == 0
@@ -158,6 +171,7 @@ def test_a_diverging_trial_ends_as_diverged_and_the_sweep_finishes(workdir, smok
     children = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("cxrtune.role") == "trial"]
     assert [c.data.tags["cxrtune.status"] for c in children] == ["diverged"]
     assert children[0].info.status == "FINISHED"
+    assert not (workdir / "runs" / "diverging" / "report").exists()  # --no-report
 
 
 def _method_sweeps() -> dict[str, str]:
@@ -165,7 +179,7 @@ def _method_sweeps() -> dict[str, str]:
     from cxrtune.sweep.cli import PretrainSweep
 
     found = {}
-    for path in sorted((ROOT / "sweeps").glob("*.py")):
+    for path in sorted((ROOT / "sweeps").glob("[!_]*.py")):
         sweep = load_sweep_script(path.stem)
         if isinstance(sweep, PretrainSweep):
             found[path.stem] = sweep.method
@@ -183,8 +197,8 @@ def test_every_method_sweep_runs_at_smoke_size(workdir, smoke_sweep, script_name
     sweep = load_sweep_script(script_name)
     method = sweep.method
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    code = main(sweep, ["--profile", "smoke", "--storage", str(workdir / "runs"), "--tracking-uri", uri,
-                        "--num-samples", "1"])
+    code = main(sweep, ["--profile", "smoke", "--no-report", "--storage", str(workdir / "runs"), "--tracking-uri",
+                        uri, "--num-samples", "1"])
     assert code == 0
     config = json.loads((workdir / "runs" / script_name / "export" / "config.json").read_text())
     assert config["method"] == method
@@ -197,8 +211,8 @@ def test_compare_methods_evaluates_the_exported_best_against_random_init(workdir
 
     sweep = load_sweep_script("compare_methods")
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    code = main(sweep, ["--profile", "smoke", "--storage", str(workdir / "runs"), "--tracking-uri", uri,
-                        "--from-sweeps", "moco_variance", "--baselines", "random"])
+    code = main(sweep, ["--profile", "smoke", "--no-report", "--storage", str(workdir / "runs"), "--tracking-uri",
+                        uri, "--from-sweeps", "moco_variance", "--baselines", "random"])
     assert code == 0
     import pandas as pd
 

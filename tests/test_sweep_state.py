@@ -48,7 +48,7 @@ def env(tmp_path_factory):
 
 def _command(tmp: Path, *extra: str, storage: Path | None = None, uri: str | None = None,
              samples: int = 2) -> list[str]:
-    return [sys.executable, str(SWEEP), "--profile", "smoke", "--num-samples", str(samples), "--cpus", "2",
+    return [sys.executable, str(SWEEP), "--profile", "smoke", "--no-report", "--num-samples", str(samples), "--cpus", "2",
             "--storage", str(storage or tmp / "runs"),
             *(("--tracking-uri", uri or f"sqlite:///{tmp / 'mlflow.db'}")), *PHANTOM_OPTIONS, *extra]
 
@@ -168,15 +168,21 @@ def test_four_processes_create_one_new_sqlite_store_together(tmp_path):
 def test_one_driver_per_sweep_and_resume_keeps_the_sweeps_arguments(tmp_path, env):
     folder = tmp_path / "runs" / "moco_variance"
     log = tmp_path / "first.txt"
-    epochs = ("--set", "train.epochs=6")  # long enough to be running while the checks below run
+    epochs = ("--set", "train.epochs=6")
     with open(log, "w") as out:
         first = subprocess.Popen(_command(tmp_path, *epochs), env=env, cwd=tmp_path, start_new_session=True,
                                  stdout=out, stderr=subprocess.STDOUT, text=True)
-    try:
+
+    def wait_for(done) -> None:
         deadline = time.time() + 240
-        while " epoch 1:" not in log.read_text():
+        while not done():
             assert time.time() < deadline and first.poll() is None, log.read_text()[-3000:]
             time.sleep(0.2)
+
+    try:
+        # as soon as Tune has written its state (so --resume finds a sweep to resume), before the
+        # trials run: the checks then overlap the Ray start-up and all six epochs, not just five
+        wait_for(lambda: (folder / "tuner.pkl").is_file())
         # a second driver of the same sweep, with or without --resume, is refused at once
         for extra in ((), ("--resume",)):
             started = time.monotonic()
@@ -185,6 +191,7 @@ def test_one_driver_per_sweep_and_resume_keeps_the_sweeps_arguments(tmp_path, en
             assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
             assert f"is in use by process {first.pid} on host" in second.stderr
             assert time.monotonic() - started < 30
+        wait_for(lambda: " epoch 1:" in log.read_text())  # a trial to cut off
         os.killpg(first.pid, signal.SIGINT)
         assert first.wait(timeout=120) == 130, log.read_text()[-3000:]
     finally:

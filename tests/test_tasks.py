@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import warnings
 
-import numpy as np
 import pandas as pd
 import pytest
 

@@ -10,8 +10,8 @@ from pathlib import Path
 from ray import tune
 
 from cxrtune.trial import run_fewshot_trial
-from trainables._log import trial_folder, trial_log
-from trainables._resources import apply_trial_resources
+from cxrtune.trainables._log import trial_folder, trial_log
+from cxrtune.trainables._resources import apply_trial_resources
 
 
 def fewshot_trainable(config: dict, inputs: dict | None = None) -> None:

@@ -13,8 +13,8 @@ from ray import tune
 
 from cxrtune.sweepfolder import WORK_DIR
 from cxrtune.trial import run_pretrain_trial
-from trainables._log import trial_folder, trial_log
-from trainables._resources import apply_trial_resources
+from cxrtune.trainables._log import trial_folder, trial_log
+from cxrtune.trainables._resources import apply_trial_resources
 
 
 def pretrain_trainable(config: dict, inputs: dict | None = None) -> None:

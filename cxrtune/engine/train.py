@@ -190,6 +190,19 @@ def _rewrite_metrics(path: Path, up_to_epoch: int) -> None:
 
 
 # -- the loop ------------------------------------------------------------------------------------------
+def optimizer_step(method: SSLMethod, optimizer: torch.optim.Optimizer, loss: torch.Tensor, where: Progress,
+                   clip_grad_norm: float = 0.0) -> None:
+    """Backward and one optimiser step with the method's hooks around it (freezing, EMA updates),
+    as the training loop runs it; the benchmarks and tests step through this too."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    method.before_optimizer_step(where)
+    if clip_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(method.parameters(), clip_grad_norm)
+    optimizer.step()
+    method.after_optimizer_step(where)
+
+
 def pretrain(config: PretrainConfig | Mapping[str, Any], images: np.ndarray, run_dir: str | Path, *,
              rows: Sequence[int] | np.ndarray | None = None, callback: Callback | None = None,
              resume: bool = True, progress: bool = False) -> PretrainResult:
@@ -274,13 +287,7 @@ def pretrain(config: PretrainConfig | Mapping[str, Any], images: np.ndarray, run
                         epoch=epoch + 1, step=step + 1, loss=value)
                 if bar is not None:
                     bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.3g}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            method.before_optimizer_step(where)
-            if config.optim.clip_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(method.parameters(), config.optim.clip_grad_norm)
-            optimizer.step()
-            method.after_optimizer_step(where)
+            optimizer_step(method, optimizer, loss, where, config.optim.clip_grad_norm)
             schedule.step = step + 1
             for key, value in out.items():
                 v = value.detach().float()

@@ -85,3 +85,36 @@ class SSLMethod(nn.Module):
     def compile_encoders(self, compile_fn: Callable[[nn.Module], None]) -> None:
         """Compile the encoders in place; heads, queues and EMA code stay eager."""
         compile_fn(self.backbone.trunk)
+
+
+class MomentumTargetMethod(SSLMethod):
+    """A method with EMA copies of online modules (MoCo's key encoder, BYOL's target, DINO's
+    teacher). ``targets`` pairs each copy's attribute with its online module's, the backbone
+    first; :meth:`momentum_at` gives the momentum after a step."""
+
+    targets: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+    def make_targets(self) -> None:
+        """Create the copies (call once the online modules exist)."""
+        for target, online in self.targets:
+            setattr(self, target, momentum_copy(getattr(self, online)))
+
+    def momentum_at(self, progress: Progress) -> float:
+        raise NotImplementedError
+
+    def after_optimizer_step(self, progress: Progress) -> None:
+        momentum = self.momentum_at(progress)
+        for target, online in self.targets:
+            ema_update(getattr(self, target), getattr(self, online), momentum)
+
+    def compile_encoders(self, compile_fn: Callable[[nn.Module], None]) -> None:
+        compile_fn(self.backbone.trunk)
+        compile_fn(getattr(self, self.targets[0][0]).trunk)
+
+
+def embed_two_views(method: SSLMethod, images: torch.Tensor, augment: BatchAugment,
+                    head: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two augmented views through the backbone and ``head``, one forward pass per view, so each
+    pass's BatchNorms see one view's statistics (as the reference code of BarlowTwins and VICReg)."""
+    view_a, view_b = augment(images), augment(images)
+    return head(method.backbone(view_a)), head(method.backbone(view_b))

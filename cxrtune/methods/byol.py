@@ -23,7 +23,7 @@ import torch
 
 from cxrtune.config import Config, param
 from cxrtune.losses.byol import byol_loss
-from cxrtune.methods.base import Progress, SSLMethod, cosine_increase, ema_update, momentum_copy
+from cxrtune.methods.base import MomentumTargetMethod, Progress, cosine_increase
 from cxrtune.methods.heads import mlp
 from cxrtune.methods.registry import register_method
 from cxrtune.models.backbone import Backbone
@@ -71,15 +71,15 @@ class ByolConfig(Config):
     "smoke": {"byol.projector_hidden": 64, "byol.projector_out": 32, "byol.predictor_hidden": 64, "byol.tau_base": 0.99,
               "train.grad_checkpointing": False, "optim.optimizer": "sgd", "optim.lr": 0.03},
 })
-class Byol(SSLMethod):
+class Byol(MomentumTargetMethod):
+    targets = (("target_backbone", "backbone"), ("target_projector", "projector"))
 
     def __init__(self, backbone: Backbone, config: ByolConfig) -> None:
         super().__init__(backbone)
         self.config = config
         self.projector = mlp(backbone.feature_dim, (config.projector_hidden, config.projector_out), batch_norm=True)
         self.predictor = mlp(config.projector_out, (config.predictor_hidden, config.projector_out), batch_norm=True)
-        self.target_backbone = momentum_copy(backbone)
-        self.target_projector = momentum_copy(self.projector)
+        self.make_targets()
 
     def _online(self, view: torch.Tensor) -> torch.Tensor:
         return self.predictor(self.projector(self.backbone(view)))
@@ -101,11 +101,3 @@ class Byol(SSLMethod):
     def momentum_at(self, progress: Progress) -> float:
         return cosine_increase(self.config.tau_base, 1.0, progress.fraction)
 
-    def after_optimizer_step(self, progress: Progress) -> None:
-        tau = self.momentum_at(progress)
-        ema_update(self.target_backbone, self.backbone, tau)
-        ema_update(self.target_projector, self.projector, tau)
-
-    def compile_encoders(self, compile_fn) -> None:
-        compile_fn(self.backbone.trunk)
-        compile_fn(self.target_backbone.trunk)

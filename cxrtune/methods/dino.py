@@ -18,7 +18,7 @@ import torch
 from cxrtune.config import Config, param
 from cxrtune.errors import ConfigError
 from cxrtune.losses import DinoLoss
-from cxrtune.methods.base import Progress, SSLMethod, cosine_increase, ema_update, momentum_copy
+from cxrtune.methods.base import MomentumTargetMethod, Progress, cosine_increase
 from cxrtune.methods.heads import DinoHead
 from cxrtune.methods.registry import register_method
 from cxrtune.models.backbone import Backbone
@@ -58,7 +58,8 @@ class DinoConfig(Config):
     "smoke": {"dino.out_dim": 64, "dino.hidden_dim": 64, "dino.bottleneck_dim": 32, "dino.local_crops": 2,
               "dino.local_crop_size": 16, "optim.optimizer": "adamw", "optim.lr": 1e-3},
 })
-class Dino(SSLMethod):
+class Dino(MomentumTargetMethod):
+    targets = (("teacher_backbone", "backbone"), ("teacher_head", "head"))
 
     @classmethod
     def check_config(cls, config) -> None:
@@ -70,8 +71,7 @@ class Dino(SSLMethod):
         super().__init__(backbone)
         self.config = config
         self.head = DinoHead(backbone.feature_dim, config.out_dim, config.hidden_dim, config.bottleneck_dim)
-        self.teacher_backbone = momentum_copy(backbone)
-        self.teacher_head = momentum_copy(self.head)
+        self.make_targets()
         self.criterion = DinoLoss(config.out_dim, config.student_temperature, config.center_momentum)
 
     def teacher_temperature(self, epoch: int) -> float:
@@ -103,11 +103,3 @@ class Dino(SSLMethod):
     def momentum_at(self, progress: Progress) -> float:
         return cosine_increase(self.config.teacher_momentum, self.config.teacher_momentum_final, progress.fraction)
 
-    def after_optimizer_step(self, progress: Progress) -> None:
-        m = self.momentum_at(progress)
-        ema_update(self.teacher_backbone, self.backbone, m)
-        ema_update(self.teacher_head, self.head, m)
-
-    def compile_encoders(self, compile_fn) -> None:
-        compile_fn(self.backbone.trunk)
-        compile_fn(self.teacher_backbone.trunk)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from cxrtune.config import Config, param
 from cxrtune.losses import MocoLoss
-from cxrtune.methods.base import Progress, SSLMethod, ema_update, momentum_copy
+from cxrtune.methods.base import MomentumTargetMethod, Progress
 from cxrtune.methods.heads import mlp
 from cxrtune.methods.registry import register_method
 from cxrtune.models.backbone import Backbone
@@ -50,14 +50,14 @@ class MocoConfig(Config):
     "smoke": {"moco.projector_hidden": 64, "moco.projector_out": 32, "moco.queue_size": 64, "moco.momentum": 0.99,
               "optim.lr": 0.03},
 })
-class Moco(SSLMethod):
+class Moco(MomentumTargetMethod):
+    targets = (("key_backbone", "backbone"), ("key_projector", "projector"))
 
     def __init__(self, backbone: Backbone, config: MocoConfig) -> None:
         super().__init__(backbone)
         self.config = config
         self.projector = mlp(backbone.feature_dim, (config.projector_hidden, config.projector_out), batch_norm=False)
-        self.key_backbone = momentum_copy(backbone)
-        self.key_projector = momentum_copy(self.projector)
+        self.make_targets()
         self.criterion = MocoLoss(config.temperature, config.variance_weight, config.variance_target)
         queue = F.normalize(torch.randn(config.queue_size, config.projector_out), dim=1)
         self.register_buffer("queue", queue)
@@ -88,10 +88,5 @@ class Moco(SSLMethod):
         self.queue[idx] = keys.to(self.queue.dtype)
         self.queue_ptr.copy_((self.queue_ptr + n) % self.queue.shape[0])
 
-    def after_optimizer_step(self, progress: Progress) -> None:
-        ema_update(self.key_backbone, self.backbone, self.config.momentum)
-        ema_update(self.key_projector, self.projector, self.config.momentum)
-
-    def compile_encoders(self, compile_fn) -> None:
-        compile_fn(self.backbone.trunk)
-        compile_fn(self.key_backbone.trunk)
+    def momentum_at(self, progress: Progress) -> float:
+        return self.config.momentum

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from cxrtune.config import Config, param
 from cxrtune.errors import ConfigError
 from cxrtune.losses.vicreg import vicreg_loss
-from cxrtune.methods.base import SSLMethod
+from cxrtune.methods.base import SSLMethod, embed_two_views
 from cxrtune.methods.heads import mlp
 from cxrtune.methods.registry import register_method
 from cxrtune.models.backbone import Backbone
@@ -76,9 +76,5 @@ class Vicreg(SSLMethod):
 
     def training_loss(self, images, augment, progress):
         c = self.config
-        view_a, view_b = augment(images), augment(images)
-        # one view per forward pass: each branch's BatchNorms see their own view's statistics, as
-        # in the official code
-        z_a = self.expander(self.backbone(view_a))
-        z_b = self.expander(self.backbone(view_b))
+        z_a, z_b = embed_two_views(self, images, augment, self.expander)
         return vicreg_loss(z_a, z_b, c.invariance_weight, c.variance_weight, c.covariance_weight)

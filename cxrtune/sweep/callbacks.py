@@ -14,7 +14,6 @@ from typing import Any
 
 from ray.tune.logger import LoggerCallback
 
-from cxrtune.engine.train import METRICS_FILE
 from cxrtune.health import trial_status
 from cxrtune.sweepfolder import INITIAL_RESULTS, PROBE_RESULTS, RESULTS_TABLE, RUN_DIR, WORK_DIR
 from cxrtune.tune_files import PARAMS_FILE, RESULTS_FILE
@@ -103,6 +102,8 @@ class MlflowSweepCallback(LoggerCallback):
 
     def _log_trial_files(self, run_id: str, folders: list[Path]) -> None:
         """The trial's config, results tables and a training-curve plot as run artifacts."""
+        from cxrtune.engine.train import METRICS_FILE  # torch: not at import, the driver's --help stays fast
+
         checkpoints = sorted((c for f in folders for c in f.glob("checkpoint_*") if c.is_dir()),
                              key=lambda c: c.name)
         for name, fallback in ((PARAMS_FILE, None), (RESULTS_FILE, None), (RESULTS_TABLE, None),

@@ -23,11 +23,10 @@ from typing import Any
 
 from cxrtune.errors import CxrtuneError
 from cxrtune.profiles import PROFILES, get_profile, profile_notes
-from cxrtune.resolve import DRIVER_KEYS, PretrainResolved, resolve_pretrain
 from cxrtune.sweep.args import (RECORD_DEFAULTS, add_common_arguments, add_eval_source_arguments, apply_record,
                                 parse_sets, positive_float, positive_int, resume_hint, run_command, sweep_record,
                                 with_defaults)
-from cxrtune.sweep.console import CONSOLE_LOG
+from cxrtune.sweepfolder import CONSOLE_LOG
 from cxrtune.sweep.data import EpisodePlan, data_params, prepare_data
 from cxrtune.sweep.summary import summarise, trials_table, write_report
 
@@ -62,14 +61,18 @@ def build_parser(sweep: PretrainSweep) -> argparse.ArgumentParser:
     return parser
 
 
-def resolve(sweep: PretrainSweep, profile: str, sets: dict[str, Any]) -> PretrainResolved:
-    """A trial's config before the search samples its point."""
+def resolve(sweep: PretrainSweep, profile: str, sets: dict[str, Any]):
+    """A trial's config before the search samples its point (a :class:`cxrtune.resolve.PretrainResolved`)."""
+    from cxrtune.resolve import resolve_pretrain  # torch and the methods: not for --help
+
     return resolve_pretrain(profile, sweep.method, fixed=sweep.fixed, fixed_origin=f"sweep script {sweep.name}",
                             sets=sets, method_origin=f"sweep script {sweep.name}")
 
 
-def searched_space(sweep: PretrainSweep, resolved: PretrainResolved, sets: dict[str, Any]) -> dict[str, Any]:
+def searched_space(sweep: PretrainSweep, resolved, sets: dict[str, Any]) -> dict[str, Any]:
     """The search space without the keys ``--set`` fixes; a searched key must be a trial's config key."""
+    from cxrtune.resolve import DRIVER_KEYS
+
     for key in sweep.space:
         if key not in resolved.flat:
             raise CxrtuneError(f"search space key {key!r} of sweep {sweep.name} is not a config key of a "
@@ -133,7 +136,7 @@ def _run_open(sweep: PretrainSweep, args: argparse.Namespace, opened) -> int:
     from cxrtune import sweepstate
     from cxrtune.sweep import interrupt
     from cxrtune.sweep.runner import SweepSpec, run_sweep
-    from trainables.pretrain import pretrain_trainable
+    from cxrtune.trainables.pretrain import pretrain_trainable
 
     profile = get_profile(args.profile)
     name, folder = opened.name, opened.folder

@@ -23,7 +23,7 @@ from typing import Any, TextIO
 
 from ray.tune import Callback
 
-from cxrtune.sweepfolder import CONSOLE_LOG, TRIAL_LOG
+from cxrtune.sweepfolder import TRIAL_LOG
 
 _streams: list[tuple[TextIO, TextIO]] = []
 

@@ -19,7 +19,6 @@ import pandas as pd
 
 from cxrtune.errors import CxrtuneError
 from cxrtune.profiles import get_profile, profile_notes
-from cxrtune.resolve import Resolved, resolve_flat
 from cxrtune.sweepfolder import BACKBONE_FILE, RESULTS_TABLE, SweepFolder
 from cxrtune.sweep.args import (add_common_arguments, apply_record, parse_sets, positive_float, run_command,
                                 sweep_record, with_defaults)
@@ -54,10 +53,11 @@ def build_parser(sweep: FewshotSweep) -> argparse.ArgumentParser:
     return parser
 
 
-def resolve(profile: str, sets: dict[str, Any]) -> Resolved:
-    """The evaluation config every trial of the grid shares: EvalConfig's defaults, the profile's
-    few-shot settings, then ``--set`` (``eval.*`` keys)."""
+def resolve(profile: str, sets: dict[str, Any]):
+    """The evaluation config every trial of the grid shares (a :class:`cxrtune.resolve.Resolved`):
+    EvalConfig's defaults, the profile's few-shot settings, then ``--set`` (``eval.*`` keys)."""
     from cxrtune.evaluate.run import EvalConfig
+    from cxrtune.resolve import resolve_flat
 
     chosen = get_profile(profile)
     return resolve_flat(EvalConfig().to_flat(prefix="eval."),
@@ -147,7 +147,7 @@ def _run_open(sweep: FewshotSweep, args: argparse.Namespace, opened) -> int:
     from cxrtune.sweep.data import EpisodePlan, prepare_data
     from cxrtune.sweep.runner import SweepSpec, run_sweep
     from cxrtune.sweep.summary import write_report
-    from trainables.fewshot import fewshot_trainable
+    from cxrtune.trainables.fewshot import fewshot_trainable
 
     profile = get_profile(args.profile)
     name = opened.name

@@ -27,7 +27,8 @@ from cxrtune import sweepstate
 from cxrtune.errors import ConfigError, CxrtuneError
 from cxrtune.sweep import interrupt
 from cxrtune.sweep.callbacks import TRACKING_OVERRIDES, MlflowSweepCallback
-from cxrtune.sweep.console import CONSOLE_LOG, ConsoleCallback, RayConsole
+from cxrtune.sweep.console import ConsoleCallback, RayConsole
+from cxrtune.sweepfolder import CONSOLE_LOG
 from cxrtune.sweep.optuna_state import ResumableOptunaSearch, fail_stale_running_trials
 
 DEFAULT_STORAGE = "./cxrtune-runs"

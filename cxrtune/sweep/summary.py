@@ -164,7 +164,7 @@ def write_report(name: str, storage: str, opened) -> None:
     """The sweep's HTML report (without the Grad-CAM section, the slow part); a failure is printed,
     never fatal: the sweep's results are already saved."""
     try:
-        from analysis.report import ReportConfig, build_report
+        from cxrtune.analysis.report import ReportConfig, build_report
 
         report = build_report(name, storage, config=ReportConfig(localisation=False, tracking_uri=opened.tracking_uri))
         print(f"report: {report.html}")
