@@ -37,8 +37,14 @@ class OptimConfig(Config):
     lars_eta: float = param(0.001, low=0, low_open=True, doc="LARS trust coefficient")
     beta1: float = param(0.9, low=0, high=1, high_open=True, doc="AdamW beta1")
     beta2: float = param(0.999, low=0, high=1, high_open=True, doc="AdamW beta2")
-    warmup_epochs: float = param(10.0, low=0, doc="linear warmup from 0, then cosine")
-    min_lr_ratio: float = param(0.0, low=0, high=1, doc="final lr as a fraction of the peak")
+    warmup_epochs: float = param(10.0, low=0, doc="linear warmup from 0, then the schedule")
+    min_lr_ratio: float = param(0.0, low=0, high=1, doc="final lr (cosine) or cooldown floor (wsd) as a fraction of the peak")
+    schedule: str = param("cosine", choices=("cosine", "wsd"),
+                          doc="cosine: decay over the whole run; wsd: warmup, then the peak, every checkpoint judged "
+                              "on a cooldown branch (cxrtune.engine.cooldown)")
+    cooldown_fraction: float = param(0.15, low=0, high=1, low_open=True,
+                                     doc="wsd: a checkpoint's cooldown branch trains this share of the steps done so far")
+    cooldown_shape: str = param("sqrt", choices=("sqrt", "linear"), doc="wsd: the cooldown's decay, 1-sqrt or linear")
     clip_grad_norm: float = param(3.0, low=0, doc="max gradient norm (0 = no clipping)")
     exclude_norm_bias_decay: bool = param(False, doc="no weight decay on biases and normalisation weights")
 

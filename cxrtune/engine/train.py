@@ -2,7 +2,8 @@
 
 ``pretrain(config, images, run_dir)`` samples batches of cache rows with a seeded generator,
 moves them to the device as uint8 (pinned on CUDA), lets the method augment and compute its loss
-there, and steps the optimiser with warmup + cosine, gradient clipping and bf16 autocast on CUDA.
+there, and steps the optimiser with warmup + cosine (or warmup-stable-decay, whose checkpoints are
+judged on cooldown branches: :mod:`cxrtune.engine.cooldown`), gradient clipping and bf16 autocast on CUDA.
 After every epoch it measures collapse on fixed images, appends a line to ``metrics.jsonl``,
 every ``checkpoint_every`` epochs writes a checkpoint, then calls ``callback(metrics)`` with the
 checkpoint's path under ``"checkpoint"`` (None on epochs without one); the callback may answer
@@ -30,7 +31,8 @@ from cxrtune.engine.checkpoint import (FORMAT, checkpoint_path, latest_checkpoin
 from cxrtune.engine.config import PretrainConfig
 from cxrtune.engine.lars import LARS
 from cxrtune.engine.monitors import CollapseMonitor
-from cxrtune.engine.schedules import WarmupCosine
+from cxrtune.engine.cooldown import cooldown_steps, run_cooldown
+from cxrtune.engine.schedules import build_schedule
 from cxrtune.errors import ConfigError, DataError, DivergenceError
 from cxrtune.methods import Progress, SSLMethod, build_method
 from cxrtune.models.backbone import Backbone, CheckpointError, build_backbone
@@ -38,9 +40,11 @@ from cxrtune.models.backbone import Backbone, CheckpointError, build_backbone
 METRICS_FILE = "metrics.jsonl"
 #: Keys that may change between a run and its resume without breaking exactness.
 RESUME_MAY_DIFFER = frozenset({"train.device", "train.time_limit_minutes", "train.keep_checkpoints",
-                               "train.checkpoint_every", "train.loss_check_every", "train.compile"})
+                               "train.checkpoint_every", "train.loss_check_every", "train.compile",
+                               "optim.cooldown_fraction", "optim.cooldown_shape"})
 #: Seed offsets so the sampler, the views and the monitor pairs draw from separate streams.
 _AUGMENT_SEED_OFFSET = 1
+_BRANCH_SEED_OFFSET = 7919
 _MONITOR_SEED = 12345
 
 Callback = Callable[[dict[str, Any]], Any]
@@ -113,6 +117,17 @@ def _fetch(images: np.ndarray, batch_rows: np.ndarray, device: torch.device) -> 
     if device.type == "cuda":
         return batch.pin_memory().to(device, non_blocking=True)
     return batch
+
+
+def _branch_batches(images: np.ndarray, rows: np.ndarray, batch_size: int, seed: int, done: int,
+                    device: torch.device):
+    """A cooldown branch's batches: orders of their own, seeded by the epoch the branch starts from."""
+    chunk = 0
+    while True:
+        order = _epoch_order(rows, seed, done * 10_000 + chunk)
+        for i in range(len(rows) // batch_size):
+            yield _fetch(images, order[i * batch_size:(i + 1) * batch_size], device)
+        chunk += 1
 
 
 def _monitor_rows(rows: np.ndarray, count: int) -> np.ndarray:
@@ -233,14 +248,15 @@ def pretrain(config: PretrainConfig | Mapping[str, Any], images: np.ndarray, run
 
     steps_per_epoch = len(rows) // t.batch_size
     optimizer = build_optimizer(method, config)
-    schedule = WarmupCosine(config.optim.lr, round(config.optim.warmup_epochs * steps_per_epoch),
-                            steps_per_epoch * t.epochs, config.optim.min_lr_ratio)
+    schedule = build_schedule(config.optim.schedule, config.optim.lr, round(config.optim.warmup_epochs * steps_per_epoch),
+                              steps_per_epoch * t.epochs, config.optim.min_lr_ratio)
     generator = torch.Generator(device=device).manual_seed(t.seed + _AUGMENT_SEED_OFFSET)
     augment = BatchAugment(config.augment, t.image_size, generator)
     monitor = CollapseMonitor(images[_monitor_rows(rows, t.monitor_images)], t.image_size, device,
                               pairs=t.monitor_pairs, seed=_MONITOR_SEED)
 
     start_epoch = 0
+    resumed_judged = None
     if not resume:  # starting afresh: older checkpoints would otherwise be mistaken for this run's
         for _, old in list_checkpoints(run_dir):
             old.unlink()
@@ -250,6 +266,7 @@ def pretrain(config: PretrainConfig | Mapping[str, Any], images: np.ndarray, run
         _check_resumable(payload, config, last_checkpoint)
         _restore(payload, method, optimizer, schedule, generator)
         start_epoch = int(payload["epoch"])
+        resumed_judged = payload.get("judged_backbone")
         del payload
     _rewrite_metrics(run_dir / METRICS_FILE, start_epoch)
     (run_dir / "config.json").write_text(json.dumps(config.to_flat(), indent=1, sort_keys=True))
@@ -257,10 +274,34 @@ def pretrain(config: PretrainConfig | Mapping[str, Any], images: np.ndarray, run
     if t.compile:
         method.compile_encoders(lambda module: module.compile())
 
+    def judge(done: int, where: Progress, metrics: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+        """With the wsd schedule, the backbone of a cooldown branch off the state after ``done`` epochs."""
+        if config.optim.schedule != "wsd":
+            return None
+        steps = cooldown_steps(config.optim.cooldown_fraction, done * steps_per_epoch)
+        branch_seed = t.seed + _BRANCH_SEED_OFFSET
+        branch_augment = BatchAugment(config.augment, t.image_size,
+                                      torch.Generator(device=device).manual_seed(branch_seed * 1_000_003 + done))
+        judged, loss = run_cooldown(method, optimizer, _branch_batches(images, rows, t.batch_size, branch_seed, done,
+                                                                       device),
+                                    branch_augment, where, schedule.lr_at(done * steps_per_epoch),
+                                    config.optim.min_lr_ratio * config.optim.lr, steps, config.optim.cooldown_shape,
+                                    lambda m, o, loss, w: optimizer_step(m, o, loss, w, config.optim.clip_grad_norm),
+                                    use_bf16, device)
+        metrics.update(cooldown_steps=steps, cooldown_loss=loss)
+        return judged
+
+    def save(done: int, metrics: dict[str, Any], judged: dict[str, torch.Tensor] | None) -> Path:
+        payload = _payload(method, config, optimizer, schedule, generator, done, metrics)
+        if judged is not None:
+            payload["judged_backbone"] = judged  # what the checkpoint offers; "backbone" is the main trajectory's
+        return save_checkpoint(payload, checkpoint_path(run_dir, done), keep=t.keep_checkpoints)
+
     started = time.perf_counter()
     history: list[dict[str, Any]] = []
     status = "completed"
     done = start_epoch
+    judged = resumed_judged  # a finished run started again offers what its last checkpoint offered
     check_every = 1 if device.type == "cpu" else t.loss_check_every
     for epoch in range(start_epoch, t.epochs):
         epoch_start = time.perf_counter()
@@ -311,16 +352,15 @@ def pretrain(config: PretrainConfig | Mapping[str, Any], images: np.ndarray, run
                 loss=metrics["ssl_loss"])
         metrics["images_per_s"] = steps_per_epoch * t.batch_size / train_seconds
         metrics["lr"] = lr
+        done = epoch + 1
+        due = done % t.checkpoint_every == 0 or done == t.epochs
+        judged = judge(done, where, metrics) if due else None
         metrics["seconds"] = time.perf_counter() - epoch_start
         with open(run_dir / METRICS_FILE, "a") as handle:
             handle.write(json.dumps(metrics) + "\n")
         history.append(metrics)
-        done = epoch + 1
-        due = done % t.checkpoint_every == 0 or done == t.epochs
         if due:
-            last_checkpoint = save_checkpoint(
-                _payload(method, config, optimizer, schedule, generator, done, metrics),
-                checkpoint_path(run_dir, done), keep=t.keep_checkpoints)
+            last_checkpoint = save(done, metrics, judged)
         # The callback sees the checkpoint of this epoch when one was written (a sweep trial turns
         # it into a Tune checkpoint and evaluates the backbone in it).
         answer = callback({**metrics, "checkpoint": str(last_checkpoint) if due else None}) \
@@ -330,13 +370,13 @@ def pretrain(config: PretrainConfig | Mapping[str, Any], images: np.ndarray, run
         elif t.time_limit_minutes and (time.perf_counter() - started) / 60 >= t.time_limit_minutes and done < t.epochs:
             status = "time_limit"
         if status != "completed" and not due:
-            last_checkpoint = save_checkpoint(
-                _payload(method, config, optimizer, schedule, generator, done, metrics),
-                checkpoint_path(run_dir, done), keep=t.keep_checkpoints)
+            judged = judge(done, where, {})
+            last_checkpoint = save(done, metrics, judged)
         if status != "completed":
             break
     trained = Backbone(backbone.arch, backbone.in_chans)
-    trained.trunk.load_state_dict({k: v.cpu() for k, v in backbone.torchvision_state_dict().items()}, strict=False)
+    state = judged if judged is not None else backbone.torchvision_state_dict()
+    trained.trunk.load_state_dict({k: v.cpu() for k, v in state.items()}, strict=False)
     return PretrainResult(run_dir=run_dir, epochs_completed=done, status=status, checkpoint=last_checkpoint,
                           metrics=history, backbone=trained)
 

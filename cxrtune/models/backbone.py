@@ -232,11 +232,13 @@ def load_backbone(path: str | Path, arch: str | None = None) -> Backbone:
     if arch is not None and payload["arch"] != arch:
         raise CheckpointError(f"checkpoint {path} holds a {payload['arch']} backbone, not the requested {arch}")
     backbone = Backbone(payload["arch"], int(payload.get("in_chans", 1)))
+    # a warmup-stable-decay run's checkpoint offers its cooldown branch's backbone (cxrtune.engine.cooldown)
+    weights = payload.get("judged_backbone", payload["backbone"])
     try:
-        backbone.trunk.load_state_dict(payload["backbone"], strict=False)
+        backbone.trunk.load_state_dict(weights, strict=False)
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {path} does not fit a {payload['arch']} backbone: {exc}") from exc
-    missing, unexpected = backbone.trunk.load_state_dict(payload["backbone"], strict=False)
+    missing, unexpected = backbone.trunk.load_state_dict(weights, strict=False)
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
         raise CheckpointError(
