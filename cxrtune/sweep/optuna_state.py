@@ -1,24 +1,31 @@
 """Optuna state that survives a crashed and resumed sweep.
 
-Two traps of ``OptunaSearch`` with a persistent study (pitfalls.md):
+Three traps of ``OptunaSearch`` with a persistent study (pitfalls.md):
 
 - ``points_to_evaluate`` are enqueued every time the searcher sets its study up, so a restored
   sweep would evaluate the seed point (the study's setting) again on every resume;
-- trials that were running when the driver died stay ``RUNNING`` in the Optuna database forever.
+- trials that were running when the driver died stay ``RUNNING`` in the Optuna database forever;
+- a trial that ASHA stopped early reaches the study as ``COMPLETE`` with its early objective, so
+  TPE compares a one-epoch value with values of trials that trained to the end.
 
 :class:`ResumableOptunaSearch` enqueues a seed point only if no trial of the study already holds
 those parameters, and :func:`fail_stale_running_trials` marks orphaned ``RUNNING`` trials as
 ``FAIL``: on restore for trials the restored searcher never heard of, and at the end of a sweep
-for anything still running.
+for anything still running. A trial whose last report is not its ``final`` one (stopped by the
+scheduler) is told to the study as ``PRUNED``: Optuna keeps its intermediate values, takes the last
+one as its value, and TPE ranks pruned trials below complete ones, the later-pruned first.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Mapping
 
 import optuna
 from ray.tune.search.optuna import OptunaSearch
+
+log = logging.getLogger(__name__)
 
 
 def _same_params(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
@@ -60,6 +67,17 @@ class ResumableOptunaSearch(OptunaSearch):
         for point in points:
             if not any(_same_params(point, params) for params in existing):
                 self._ot_study.enqueue_trial(point)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        """A trial stopped before its end (its last report says ``final: False``) is PRUNED, not COMPLETE."""
+        stopped_early = bool(result) and not error and result.get("final") is False
+        if not stopped_early or trial_id not in self._ot_trials or trial_id in self._completed_trials:
+            return super().on_trial_complete(trial_id, result, error)
+        try:
+            self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
+        except Exception as exc:  # noqa: BLE001 - as the parent: a searcher must not stop the sweep
+            log.warning("could not tell Optuna that trial %s was pruned: %s", trial_id, exc)
+        self._completed_trials.add(trial_id)
 
     def restore(self, checkpoint_path: str):
         """Restore the searcher, then fail the study's orphans: trials RUNNING in the database
