@@ -26,7 +26,7 @@ def build_sections(sweep: SweepFolder, config: ReportConfig, colours: dict[str, 
                    progress: Callable[[str], Any] = print) -> list[Section]:
     localisation = [localisation_section(sweep, config, colours, progress)] if config.localisation else []
     return [status_section(sweep), study_section(sweep, config, colours), search_section(sweep, config),
-            health_section(sweep), *localisation, cost_section(sweep)]
+            health_section(sweep), fidelity_section(sweep), *localisation, cost_section(sweep)]
 
 
 def sweep_colours(sweep: SweepFolder) -> dict[str, str]:
@@ -87,11 +87,15 @@ def search_section(sweep: SweepFolder, config: ReportConfig) -> Section:
                                                  "the search.")])
     blocks = [Table("trials", _trials_table(sweep), "Trials (in order of start)")]
     scored = trials.dropna(subset=["objective"])
-    if not scored.empty:
-        best = scored.loc[scored["objective"].astype(float).idxmax()]
+    selectable = scored[~scored["audit"].astype(bool)] if "audit" in scored.columns else scored
+    if not selectable.empty:
+        best = selectable.loc[selectable["objective"].astype(float).idxmax()]
         blocks.append(Paragraph(
             f"Best trial {best['trial']}: {sweep.objective} {fmt(float(best['objective']))} "
-            f"(random init on the same episodes: {fmt(float(best['random_init']))})."))
+            f"(random init on the same episodes: {fmt(float(best['random_init']))})"
+            + ("; trials of the pruning audit are left out of the selection." if len(selectable) < len(scored)
+               else ".")))
+    if not scored.empty:
         blocks.append(figure("search_progress", figures.search_progress(trials, sweep.objective), "search progress"))
     blocks += _importance_blocks(sweep.study, config.importance_min_trials)
     if sweep.searched and not scored.empty:
@@ -103,6 +107,8 @@ def search_section(sweep: SweepFolder, config: ReportConfig) -> Section:
 
 def _trials_table(sweep: SweepFolder) -> pd.DataFrame:
     shown = sweep.trials[["trial", "status", "epochs", "objective", "random_init", *sweep.searched]].copy()
+    if "audit" in sweep.trials.columns and sweep.trials["audit"].astype(bool).any():
+        shown.insert(2, "audit", sweep.trials["audit"].map(lambda a: "audit" if a else ""))
     for column in ("objective", "random_init"):
         shown[column] = shown[column].map(fmt)
     for key in sweep.searched:
@@ -154,6 +160,50 @@ def health_section(sweep: SweepFolder) -> Section:
                   "rank falling towards zero/one while the loss keeps dropping; a divergence as a loss that jumps "
                   "or ends early."),
         figure("training_health", figures.training_health(history, status_of), "training health")])
+
+
+# -- pruning audit ---------------------------------------------------------------------------------
+def fidelity_section(sweep: SweepFolder) -> Section:
+    """How well the sweep's early judgements predict its final objectives, from the trials trained
+    to the full budget (those ASHA kept and those the pruning audit let run on)."""
+    from cxrtune.analysis.fidelity import audit_outcome, judged_curves
+
+    title = ("fidelity", "Early judgements (pruning audit)")
+    trials = sweep.trials
+    if trials.empty or not sweep.objective:
+        return Section(*title, [Note("No pretraining trial has reported yet.")])
+    audited = set(trials.loc[trials["audit"].astype(bool), "trial"]) if "audit" in trials.columns else set()
+    final = trials["_last"].map(lambda r: bool(r.get("final")))
+    finished = trials[(trials["status"] == "completed") & final]
+    full = list(finished.loc[finished["epochs"] == finished["epochs"].max(), "trial"]) if not finished.empty else []
+    outcome = audit_outcome(judged_curves(sweep.history, sweep.objective), full, audited)
+    blocks: list = []
+    if not audited:
+        blocks.append(Note("This sweep ran no pruning audit: every trial trained to the end was kept by ASHA, so "
+                           "the trials below are its best early performers and say little about the ones it stopped. "
+                           "Run with --audit-fraction (e.g. 0.3) to let a seeded share of the stopped trials run on "
+                           "and measure how far the early rungs can be trusted on this data."))
+    if len(outcome.full) < 3:
+        blocks.append(Note(f"{len(outcome.full)} trial(s) trained to the full budget; a rank correlation needs at "
+                           "least 3."))
+        return Section(*title, blocks)
+    table = outcome.correlations.copy()
+    shown = pd.DataFrame({"epoch": table["epoch"], "Spearman rho": table["spearman"].map(fmt),
+                          "95% CI": [f"[{fmt(lo)}, {fmt(hi)}]" for lo, hi in zip(table["ci_low"], table["ci_high"])],
+                          "trials": table["trials"]})
+    blocks.append(Paragraph(
+        f"{len(outcome.full)} trials trained to the full budget ({len(outcome.audited)} of them audited: ASHA would "
+        "have stopped them). For each epoch at which they were judged, Spearman's rank correlation between the "
+        "objective there and the final objective, with a 95% bootstrap CI over these trials. A correlation near 1 "
+        "at a rung means that stopping trials there keeps the ones that end best."))
+    blocks.append(Table("fidelity", shown, "Early vs final objective, trials trained to the end"))
+    if outcome.pick is not None and audited:
+        blocks.append(Paragraph(
+            f"Regret of ASHA's pick: {fmt(outcome.regret)} ({sweep.objective} of the best fully trained trial, "
+            f"{outcome.best}, minus that of the best trial ASHA kept, {outcome.pick})"
+            + ("; the audit found no better trial among those ASHA stopped." if outcome.best == outcome.pick
+               else "; a trial ASHA stopped would have ended better.")))
+    return Section(*title, blocks, data={"fidelity_full": table})
 
 
 # -- localisation ----------------------------------------------------------------------------------

@@ -15,14 +15,14 @@ import numpy as np
 import pandas as pd
 
 from cxrtune.errors import DataError
-from cxrtune.sweepfolder import OPTUNA_FILE, RESULTS_TABLE, TRIALS_TABLE
+from cxrtune.sweepfolder import AUDIT_FILE, OPTUNA_FILE, RESULTS_TABLE, TRIALS_TABLE, read_audit
 from cxrtune.tune_files import (experiment_state, orphan_trial_dirs, read_params, read_results, trial_dirs,
                                 trial_id as _trial_id)
 
 TERMINAL = ("completed", "pruned", "collapsed", "diverged", "errored")
 #: Per-epoch keys a pretraining trial reports (``cxrtune.engine``); kept in the history table.
 HISTORY_KEYS = ("ssl_loss", "feature_std", "feature_std_batch", "effective_rank", "mean_cosine", "images_per_s",
-                "seconds", "time_total_s", "lr")
+                "seconds", "time_total_s", "lr", "objective_epoch")
 
 
 class SweepFolderError(DataError):
@@ -113,6 +113,7 @@ def load_sweep(name: str, storage: str | Path = "./cxrtune-runs", results: list[
                                    "only in part?")
 
     rows, history_rows, notes = [], [], []
+    audited = read_audit(folder / AUDIT_FILE)
     for trial_dir in dirs:
         reports = read_results(trial_dir)
         trial_id = _trial_id(trial_dir, reports)
@@ -127,10 +128,11 @@ def load_sweep(name: str, storage: str | Path = "./cxrtune-runs", results: list[
             entry.update({key: report.get(key, math.nan) for key in HISTORY_KEYS})
             entry.update({key: v for key, v in report.items()
                           if (key.startswith("probe_auroc_") or key.startswith("initial_probe_auroc_")
-                              or key.startswith("knn_auroc_") or key == "mean_auroc") and isinstance(v, (int, float))})
+                              or key.startswith("knn_auroc_") or key in ("mean_auroc", objective))
+                          and isinstance(v, (int, float))})
             history_rows.append(entry)
         speeds = [r["images_per_s"] for r in reports if isinstance(r.get("images_per_s"), (int, float))]
-        rows.append({"trial": trial_id, "folder": trial_dir.name, "status": status,
+        rows.append({"trial": trial_id, "folder": trial_dir.name, "status": status, "audit": trial_id in audited,
                      "epochs": last.get("epoch", last.get("training_iteration")) if last else 0,
                      "wall_time_s": float(last.get("time_total_s", math.nan)) if last else math.nan,
                      "images_per_s": float(np.mean(speeds)) if speeds else math.nan,
@@ -153,7 +155,8 @@ def load_sweep(name: str, storage: str | Path = "./cxrtune-runs", results: list[
         for key in searched:
             trials[key] = [p.get(key, math.nan) for p in trials["_params"]]
     else:
-        trials = pd.DataFrame(columns=["trial", "folder", "status", "epochs", "wall_time_s", "images_per_s", "cpu",
+        trials = pd.DataFrame(columns=["trial", "folder", "status", "audit", "epochs", "wall_time_s", "images_per_s",
+                                       "cpu",
                                        "gpu", "objective", "random_init", "_last", "_params", "_dir"])
     unfinished = sorted(set(trials["trial"][trials["status"] == "running"])) if not trials.empty else []
     pending = [t for t, i in state.items() if i.get("tune_status") in ("PENDING", "RUNNING", "PAUSED")

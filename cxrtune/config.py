@@ -130,6 +130,8 @@ def _coerce(owner: str, name: str, value: Any, annotation: Any) -> Any:
     if origin in (tuple, list):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]  # `--set probe.shots=20`: one shot count
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{owner}.{name} = {value!r} is not a sequence: use a list such as [1, 5, 10]")
         elem = args[0] if args else Any

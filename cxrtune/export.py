@@ -140,18 +140,19 @@ def check_export_target(out: Path, force: bool, sweep_folder: Path | None = None
 
 
 def export_best(sweep_folder: str | Path, metric: str, mode: str = "max", out: str | Path | None = None,
-                force: bool = False, channels: int = 3) -> Path:
+                force: bool = False, channels: int = 3, include_audit: bool = False) -> Path:
     """Write the best checkpoint's backbone, config, metrics, model card and marker; return the folder.
 
     ``force`` replaces an earlier export only (:func:`check_export_target`); the new one is built
-    beside it and swapped in, so a failure leaves the old one intact.
+    beside it and swapped in, so a failure leaves the old one intact. Trials of the pruning audit
+    are candidates only with ``include_audit``.
     """
     sweep_folder = Path(sweep_folder)
     out = Path(out) if out else sweep_folder / EXPORT_DIR
     if channels not in (1, 3):
         raise CxrtuneError(f"channels = {channels}: use 1 or 3")
     check_export_target(out, force, sweep_folder)
-    best = SweepFolder(sweep_folder).best_checkpoint(metric, mode)
+    best = SweepFolder(sweep_folder).best_checkpoint(metric, mode, include_audit)
     state, arch = torchvision_state_dict(best.backbone, channels)
     final = read_results(best.trial_dir)[-1]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -161,7 +162,7 @@ def export_best(sweep_folder: str | Path, metric: str, mode: str = "max", out: s
         (tmp / "config.json").write_text(json.dumps(best.config, indent=2, sort_keys=True, default=str))
         metrics = {"selected_by": {"metric": metric, "mode": mode, "value": best.report[metric]},
                    "selected_report": _plain(best.report), "final_report": _plain(final),
-                   "trial_id": best.trial_id, "checkpoint": str(best.folder)}
+                   "trial_id": best.trial_id, "checkpoint": str(best.folder), "include_audit": include_audit}
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str))
         (tmp / "MODEL_CARD.md").write_text(model_card(best, arch, metric, channels))
         (tmp / MARKER_FILE).write_text(json.dumps(_marker(sweep_folder, best, metric, mode, arch, channels),
@@ -268,6 +269,9 @@ def add_export_parser(subparsers) -> None:
     p.add_argument("--channels", type=int, default=3, choices=(1, 3), help="input channels of conv1")
     p.add_argument("--force", action="store_true",
                    help="replace an earlier export there (only a cxrtune export: never another folder)")
+    p.add_argument("--include-audit", action="store_true",
+                   help="let trials of the pruning audit (--audit-fraction: ASHA stopped them, the audit ran them "
+                        "on) be selected too; by default the selection is ASHA's own")
     p.add_argument("--register", default=None, metavar="MODEL_NAME",
                    help="also register it in the MLflow model registry with the alias 'best'")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default sqlite:///mlflow.db)")
@@ -276,7 +280,7 @@ def add_export_parser(subparsers) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     folder = Path(args.storage).expanduser().resolve() / args.sweep
-    out = export_best(folder, args.metric, args.mode, args.out, args.force, args.channels)
+    out = export_best(folder, args.metric, args.mode, args.out, args.force, args.channels, args.include_audit)
     print(f"exported the best checkpoint by {args.metric} to {out}")
     if args.register:
         version = register_in_mlflow(out, args.register, args.tracking_uri)

@@ -108,18 +108,28 @@ PROFILES: dict[str, Profile] = {
               "small and one run does not always show it"),
         fewshot_note="the study's grid (10 trials) at 64 px"),
     "l4": Profile(
-        name="l4", preset="study", budget={"train.checkpoint_every": 10},
+        # A budget, not the study's schedule: trials of at most 200 epochs on warmup-stable-decay,
+        # judged at ASHA's rungs (12, 36, 108) on cooldown branches, planned to 48 GPU hours. At
+        # the study's L4 rate (MoCo ResNet50, 63 h for 800 epochs) that is a wide search at 12
+        # epochs and about one run of 200 epochs; the study's recipe itself is --profile study.
+        name="l4", preset="study",
+        budget={"train.epochs": 200, "train.checkpoint_every": 10, "optim.schedule": "wsd",
+                "optim.cooldown_fraction": 0.15},
         probe={"probe.shots": (5, 20), "probe.trials": 10, "probe.input_size": 224},
         cache_size=256,
-        sweep={"num_samples": 16, "max_concurrent": 1, "grace_period": 50, "resources": {"cpu": 8, "gpu": 1}},
+        sweep={"num_samples": 16, "max_concurrent": 1, "grace_period": 12, "reduction": 3, "budget_hours": 48.0,
+               "resources": {"cpu": 8, "gpu": 1}},
         fewshot={"eval.input_size": 224, "eval.crop_fraction": 224 / 256, "eval.finetune.epochs": 100,
                  "eval.shots": _FULL_GRID, "eval.trials": 10},
         gpu=True,
-        note="the study's settings on one 24 GB GPU: days per trial, as in the study",
+        note=("one 24 GB GPU, planned to 48 GPU hours (--budget-hours): the study's recipe at up to 200 epochs on "
+              "warmup-stable-decay, a wide search at 12 epochs, the best promoted to 36, 108 and 200"),
         fewshot_note="the study's protocol at 224 px (finetuning 100 epochs)"),
 }
-#: ``study``: the methods' full recipes as published, at 224 px from 256 px images (as ``l4``).
-PROFILES["study"] = Profile(**{**PROFILES["l4"].__dict__, "name": "study",
+#: ``study``: the methods' full recipes as published, at 224 px from 256 px images, 16 trials, no budget.
+PROFILES["study"] = Profile(**{**PROFILES["l4"].__dict__, "name": "study", "budget": {"train.checkpoint_every": 10},
+                               "sweep": {"num_samples": 16, "max_concurrent": 1, "grace_period": 50,
+                                         "resources": {"cpu": 8, "gpu": 1}},
                                "note": "the study's full recipe of each method at 224 px (GPU days per run)"})
 
 

@@ -25,6 +25,7 @@ from cxrtune.errors import ConfigError
 from cxrtune.evaluate.probe import ProbeConfig
 from cxrtune.health import HealthConfig
 from cxrtune.methods.registry import get_method, method_names
+from cxrtune.plan import asha_rungs
 from cxrtune.profiles import Profile, get_profile
 
 
@@ -124,8 +125,12 @@ def _pretrain_defaults(method: str) -> dict[str, Any]:
 def resolve_pretrain(profile: str | Profile, method: str, *, fixed: Mapping[str, Any] | None = None,
                      fixed_origin: str = "fixed", sets: Mapping[str, Any] | None = None,
                      point: Mapping[str, Any] | None = None, point_origin: str = "searched",
-                     method_origin: str = "--method") -> PretrainResolved:
-    """The config of a pretraining run of ``method`` under ``profile``, with its provenance."""
+                     method_origin: str = "--method", asha: tuple[int, int] | None = None) -> PretrainResolved:
+    """The config of a pretraining run of ``method`` under ``profile``, with its provenance.
+
+    ``asha=(grace, reduction)``: the run is a trial of a sweep whose ASHA judges it at these rungs;
+    unless the sweep script or ``--set`` chose ``train.checkpoint_epochs``, the trial checkpoints
+    (and so is judged) at every rung (:func:`cxrtune.plan.asha_rungs`)."""
     profile = get_profile(profile) if isinstance(profile, str) else profile
     entry = get_method(method)
     flat = _pretrain_defaults(method)
@@ -137,9 +142,14 @@ def resolve_pretrain(profile: str | Profile, method: str, *, fixed: Mapping[str,
     if profile.preset != "study":
         _apply(flat, origin, f"method {method}: {profile.preset} preset", entry.preset(profile.preset), what, method)
     _apply(flat, origin, f"profile {profile.name}: budget", profile.budget, what, method, other_methods_silent=True)
-    for layer, values in ((f"profile {profile.name}: probe", profile.probe), (fixed_origin, fixed), ("--set", sets),
-                          (point_origin, point)):
+    for layer, values in ((f"profile {profile.name}: probe", profile.probe), (fixed_origin, fixed), ("--set", sets)):
         _apply(flat, origin, layer, values, what, method)
+    if asha is not None and origin["train.checkpoint_epochs"] not in (fixed_origin, "--set"):
+        epochs = int(flat["train.epochs"])
+        grace, eta = min(asha[0], epochs), asha[1]
+        _apply(flat, origin, f"sweep: ASHA's rungs (grace {grace}, reduction {eta})",
+               {"train.checkpoint_epochs": tuple(asha_rungs(grace, eta, epochs)[:-1])}, what, method)
+    _apply(flat, origin, point_origin, point, what, method)
     return _typed(flat, origin)
 
 

@@ -9,6 +9,8 @@
         optuna.db                              the Optuna study (pretraining sweeps)
         ray-console.log                        Ray's own output
         trials.csv                             the driver's table of trials, at the end
+        audit.json                             trials ASHA stopped that ran on (--audit-fraction)
+        plan.json, budget.json                 the budget's plan and its clock (--budget-hours)
         results.parquet                        the tidy few-shot table (few-shot sweeps)
         export/                                the exported best backbone (cxrtune.export)
         report/                                the HTML report (cxrtune.analysis)
@@ -22,8 +24,10 @@
 
 The best checkpoint for an objective is the best report whose checkpoint is still on disk (Tune's
 ``num_to_keep`` deletes older ones, so the best report ever made may have lost its checkpoint);
-ties go to the first trial folder by name, then to the earlier report. The summary, ``cxrtune
-export``, the report, ``cxrtune compare`` and the analysis all ask :meth:`SweepFolder.best_checkpoint`.
+ties go to the first trial folder by name, then to the earlier report. Audited trials (ASHA stopped
+them, the audit let them run on: :mod:`cxrtune.sweep.scheduler`) are left out unless asked. The
+summary, ``cxrtune export``, the report, ``cxrtune compare`` and the analysis all ask
+:meth:`SweepFolder.best_checkpoint`.
 No Ray import.
 """
 
@@ -47,6 +51,9 @@ EPISODES_FILE = "episodes.parquet"
 OPTUNA_FILE = "optuna.db"
 CONSOLE_LOG = "ray-console.log"
 TRIALS_TABLE = "trials.csv"
+AUDIT_FILE = "audit.json"
+PLAN_FILE = "plan.json"
+BUDGET_FILE = "budget.json"
 RESULTS_TABLE = "results.parquet"
 EXPORT_DIR = "export"
 REPORT_DIR = "report"
@@ -102,6 +109,26 @@ def initial_results(checkpoint_folder: Path) -> Path:
     return carried if carried.is_file() else Path(checkpoint_folder).parent / WORK_DIR / INITIAL_RESULTS
 
 
+def read_audit(path: str | Path) -> set[str]:
+    """The ids of the audited trials listed in ``path`` (an ``audit.json``); none when it is absent."""
+    path = Path(path)
+    if not path.is_file():
+        return set()
+    try:
+        return {str(t) for t in json.loads(path.read_text()).get("trials", [])}
+    except (OSError, ValueError, AttributeError) as exc:
+        raise CxrtuneError(f"{path} is not a readable list of audited trials ({exc}); "
+                           "it is written by the sweep driver: restore it or remove it") from exc
+
+
+def write_audit(path: str | Path, trials: set[str], fraction: float, seed: int) -> None:
+    """Replace ``path`` whole (a crash leaves the old list or the new one, never half of one)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"fraction": fraction, "seed": seed, "trials": sorted(trials)}, indent=1))
+    tmp.replace(path)
+
+
 class SweepFolder:
     """A sweep folder: its files by name, its trials and its best checkpoint."""
 
@@ -116,12 +143,21 @@ class SweepFolder:
     def trial_dirs(self) -> list[Path]:
         return tune_files.trial_dirs(self.path)
 
-    def checkpoints(self, metric: str) -> list[Checkpoint]:
-        """Every report that has a finite ``metric`` and a checkpoint still on disk."""
+    def audited(self) -> set[str]:
+        """Ids of the trials the pruning audit let run on after ASHA would have stopped them."""
+        return read_audit(self.path / AUDIT_FILE)
+
+    def checkpoints(self, metric: str, include_audit: bool = False) -> list[Checkpoint]:
+        """Every report that has a finite ``metric`` and a checkpoint still on disk (of trials
+        outside the audit unless ``include_audit``)."""
         found = []
+        audited = set() if include_audit else self.audited()
         for trial_dir in self.trial_dirs():
+            reports = tune_files.read_results(trial_dir)
+            if tune_files.trial_id(trial_dir, reports) in audited:
+                continue
             config = tune_files.read_params(trial_dir)
-            for report in tune_files.read_results(trial_dir):
+            for report in reports:
                 value = report.get(metric)
                 folder = tune_files.checkpoint_of(trial_dir, report)
                 if not isinstance(value, (int, float)) or not math.isfinite(value) or folder is None:
@@ -131,13 +167,14 @@ class SweepFolder:
                                             report))
         return found
 
-    def best_checkpoint(self, metric: str, mode: str = "max") -> Checkpoint:
-        """The best report by ``metric`` whose checkpoint is on disk; refused naming what was reported."""
+    def best_checkpoint(self, metric: str, mode: str = "max", include_audit: bool = False) -> Checkpoint:
+        """The best report by ``metric`` whose checkpoint is on disk (audited trials left out unless
+        ``include_audit``); refused naming what was reported."""
         if not self.path.is_dir():
             raise CxrtuneError(f"sweep folder {self.path} does not exist; run the sweep first or pass --storage")
         if mode not in ("max", "min"):
             raise CxrtuneError(f"mode = {mode!r}: use max or min")
-        found = self.checkpoints(metric)
+        found = self.checkpoints(metric, include_audit)
         if not found:
             available = sorted({k for d in self.trial_dirs() for r in tune_files.read_results(d)[-1:] for k in r
                                 if isinstance(r.get(k), (int, float))})

@@ -135,11 +135,13 @@ def _device(config: PretrainConfig) -> str:
     return str(resolve_device(config.train.device, "train.device"))
 
 
-def _write_checkpoint_dir(folder: Path, engine_checkpoint: Path, backbone: Backbone, results: pd.DataFrame,
-                          state: dict[str, Any], carried: tuple[Path, ...] = ()) -> Path:
+def _write_checkpoint_dir(folder: Path, engine_checkpoint: Path, backbone: Backbone | None,
+                          results: pd.DataFrame | None, state: dict[str, Any], carried: tuple[Path, ...] = ()) -> Path:
     """A Tune checkpoint folder. ``carried`` files (the engine's metrics log, the random-init
     probe table) travel with it: a restored trial may run in a fresh trial folder (a new Ray
-    session stages trial folders anew, another node has none), and gets them back from here."""
+    session stages trial folders anew, another node has none), and gets them back from here.
+    Without ``backbone`` (a checkpoint the engine did not judge) it is for resuming only: no
+    backbone file, so no selection or export picks it."""
     folder.mkdir(parents=True, exist_ok=True)
     for path in carried:
         if path.is_file():
@@ -148,8 +150,9 @@ def _write_checkpoint_dir(folder: Path, engine_checkpoint: Path, backbone: Backb
         os.link(engine_checkpoint, folder / ENGINE_CHECKPOINT)
     except OSError:
         shutil.copy2(engine_checkpoint, folder / ENGINE_CHECKPOINT)
-    save_backbone(backbone, folder / BACKBONE_FILE, meta={"epoch": state.get("epoch", 0)})
-    results.to_parquet(folder / PROBE_RESULTS, index=False)
+    if backbone is not None:
+        save_backbone(backbone, folder / BACKBONE_FILE, meta={"epoch": state.get("epoch", 0)})
+        results.to_parquet(folder / PROBE_RESULTS, index=False)
     (folder / STATE_FILE).write_text(json.dumps(state))
     return folder
 
@@ -221,9 +224,12 @@ def run_pretrain_trial(flat: Mapping[str, Any], inputs: Mapping[str, Any], work_
         checkpoint = metrics.pop("checkpoint", None)
         folder = None
         if checkpoint is not None:
-            backbone = load_backbone(checkpoint)
-            objective, table = judge(backbone)
-            state.update(objective=objective, objective_epoch=metrics["epoch"], epoch=metrics["epoch"])
+            backbone = table = None
+            if metrics.get("judged", True):
+                backbone = load_backbone(checkpoint)
+                objective, table = judge(backbone)
+                state.update(objective=objective, objective_epoch=metrics["epoch"])
+            state.update(epoch=metrics["epoch"])
             remove_staging(work_dir)  # the previous report has returned: Tune holds its copy
             folder = _write_checkpoint_dir(Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=work_dir)),
                                            Path(checkpoint), backbone, table, dict(state),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import shutil
 import tempfile
 from pathlib import Path
@@ -55,6 +56,13 @@ def short_ray_tmpdir() -> str:
 
 def remove_ray_tmpdir(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def terminal_sigint() -> None:
+    """``preexec_fn`` of a driver a test interrupts: SIGINT's default disposition, as a terminal
+    gives it. A job started in the background by a non-interactive shell (``.ci/run &``) ignores
+    SIGINT, and that would pass on to the driver, which then never sees the test's Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def subprocess_env(cache: Path, ray_tmpdir: str, **extra: str) -> dict[str, str]:

@@ -99,3 +99,12 @@ def test_a_resolved_config_refuses_another_method_and_names_the_layer():
     resolved = resolve_pretrain("smoke", "moco", sets={"method": "moco", "optim.lr": 0.5}, point={"moco.temperature": 0.1})
     assert resolved.origin["optim.lr"] == "--set" and resolved.origin["moco.temperature"] == "searched"
     assert resolved.pretrain.optim.lr == 0.5 and resolved.pretrain.moco.temperature == 0.1
+
+
+def test_one_value_for_a_list_key_is_a_one_element_list():
+    from cxrtune.cli import parse_options
+    from cxrtune.resolve import resolve_pretrain
+
+    sets = parse_options(["probe.shots=20", "train.checkpoint_epochs=3"], "--set")
+    resolved = resolve_pretrain("smoke", "moco", sets=sets)
+    assert tuple(resolved.probe.shots) == (20,) and resolved.pretrain.train.checkpoint_epochs == (3,)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cxrtune.engine import pretrain, read_metrics
-from cxrtune.engine.checkpoint import load_checkpoint
+from cxrtune.engine.checkpoint import checkpoint_path, load_checkpoint
 from cxrtune.engine.cooldown import cooldown_steps, run_cooldown
 from cxrtune.engine.schedules import WarmupStable, build_schedule, cooldown_lr
 from cxrtune.engine.train import optimizer_step
@@ -84,8 +84,14 @@ def test_judging_every_epoch_leaves_the_main_trajectory_as_judging_once(tmp_path
     images = blob_images(16, 40)  # two steps per epoch: branches of 1, 2, 3 and 4 steps
     often = pretrain(_wsd(every=1), images, tmp_path / "often")
     once = pretrain(_wsd(every=4), images, tmp_path / "once")
+    # a sweep's rungs (epochs 1 and 3) and the last epoch judged; the checkpoint at epoch 2 is for resuming
+    rungs = pretrain(_wsd(every=2).override({"train.checkpoint_epochs": (1, 3)}), images, tmp_path / "rungs")
     assert [m.get("cooldown_steps") for m in often.metrics] == [1, 2, 3, 4]
     assert [m.get("cooldown_steps") for m in once.metrics] == [None, None, None, 4]
+    assert [m.get("cooldown_steps") for m in rungs.metrics] == [1, None, 3, 4]
+    assert [m["judged"] for m in rungs.metrics] == [True, False, True, True]
+    assert "judged_backbone" not in load_checkpoint(checkpoint_path(tmp_path / "rungs", 2))
+    assert _equal(_main_and_judged(rungs.checkpoint)[2], _main_and_judged(once.checkpoint)[2])
     main_a, rest_a, judged_a = _main_and_judged(often.checkpoint)
     main_b, rest_b, judged_b = _main_and_judged(once.checkpoint)
     assert _equal(main_a, main_b) and _equal(rest_a, rest_b)  # three branches changed nothing

@@ -140,3 +140,32 @@ def test_a_trial_tune_restarts_without_a_checkpoint_trains_afresh(cache_env):
     assert again[0]["ssl_loss"] == pytest.approx(first[0]["ssl_loss"])  # same seed, trained again
     lines = (work / "run" / METRICS_FILE).read_text().splitlines()
     assert len(lines) == 1
+
+
+def test_a_wsd_trial_is_judged_at_its_rungs_and_its_other_checkpoints_only_resume(cache_env):
+    """A warmup-stable-decay trial with rungs: a cooldown judgement (probe, backbone file) at each
+    rung and at the end; the checkpoints between carry the last objective and no backbone, so no
+    selection or export can take a backbone that was never judged."""
+    from cxrtune.data.cache import get_cache
+    from cxrtune.data.sources.base import make_source
+    from cxrtune.data.tasks import build_task_pool, sample_episodes, save_episodes
+    from cxrtune.resolve import resolve_pretrain
+    from cxrtune.sweepfolder import BACKBONE_FILE
+    from cxrtune.trial import run_pretrain_trial
+
+    archive = write_eval_archive(cache_env / "eval")
+    cache = get_cache(make_source("csv", archive["root"]), size=32)
+    save_episodes(sample_episodes(build_task_pool(cache.index), shots=(5,), trials=1), cache_env / "episodes.parquet")
+    flat = resolve_pretrain("smoke", "moco", sets={"train.epochs": 3, "train.batch_size": 16,
+                                                   "train.checkpoint_every": 1, "optim.schedule": "wsd"},
+                            asha=(1, 3)).flat
+    assert flat["train.checkpoint_epochs"] == [1]  # ASHA's rung below the last epoch
+    inputs = {"trial.cache": str(cache.path), "trial.episodes": str(cache_env / "episodes.parquet")}
+    reports: list[tuple[dict, bool]] = []
+    run_pretrain_trial(flat, inputs, cache_env / "trial" / "work",
+                       lambda m, folder: reports.append((dict(m), folder is not None and (folder / BACKBONE_FILE).is_file())))
+    assert [m["epoch"] for m, _ in reports] == [1, 2, 3]
+    assert [m["objective_epoch"] for m, _ in reports] == [1, 1, 3]
+    assert [m["judged"] for m, _ in reports] == [True, False, True]
+    assert [has_backbone for _, has_backbone in reports] == [True, False, True]
+    assert reports[1][0]["probe_auroc_5shot"] == reports[0][0]["probe_auroc_5shot"]  # carried, not re-measured

@@ -20,7 +20,7 @@ import mlflow
 import optuna
 import pytest
 
-from _sweep_fixtures import ROOT, remove_ray_tmpdir, results_of, short_ray_tmpdir, subprocess_env
+from _sweep_fixtures import ROOT, remove_ray_tmpdir, results_of, short_ray_tmpdir, subprocess_env, terminal_sigint
 
 pytestmark = pytest.mark.slow
 
@@ -40,8 +40,8 @@ def _interrupt_when(command, env, cwd, log: Path, ready, timeout: float = 240) -
     """Run ``command`` in its own process group, send SIGINT to the group once ``ready(output)``
     holds, and return (exit code, output)."""
     with open(log, "w") as out:
-        proc = subprocess.Popen(command, env=env, cwd=cwd, start_new_session=True, stdout=out,
-                                stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(command, env=env, cwd=cwd, start_new_session=True, preexec_fn=terminal_sigint,
+                                stdout=out, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + timeout
         try:
             while time.time() < deadline:

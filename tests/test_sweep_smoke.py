@@ -73,10 +73,27 @@ def smoke_sweep(workdir):
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         code = main(sweep, ["--profile", "smoke", "--storage", str(workdir / "runs"), "--tracking-uri", uri,
-                            "--cpus", "2"])
+                            "--cpus", "2", "--budget-hours", "1", "--num-samples", "2"])
     assert code == 0
     (workdir / "driver-stdout.txt").write_text(printed.getvalue())
     return workdir / "runs" / "moco_variance", uri
+
+
+def test_a_budgeted_sweep_measures_plans_and_reports_against_its_budget(smoke_sweep, workdir):
+    folder, uri = smoke_sweep
+    printed = (workdir / "driver-stdout.txt").read_text()
+    record = json.loads((folder / "plan.json").read_text())
+    plan, cost = record["plan"], record["cost"]
+    assert plan["trials"] == 2 and plan["budget_hours"] == 1.0 and plan["rungs"] == [2]
+    assert cost["epoch_s"] > 0 and cost["judge_s"] > 0 and plan["projected_hours"] < 1.0
+    assert "measuring a trial's rate" in printed and "plan: 2 trials" in printed
+    used = json.loads((folder / "budget.json").read_text())
+    assert 0 < used["spent_s"] < 3600 and used["refusals"] == []
+    assert f"budget: {used['spent_s'] / 3600:.2f} h used of 1 h" in printed
+    client = mlflow.tracking.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("cxrtune/moco_variance").experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("cxrtune.role") == "sweep")
+    assert parent.data.params["plan.trials"] == "2" and parent.data.params["plan.budget_hours"] == "1.0"
 
 
 def test_smoke_sweep_tracks_every_trial_in_mlflow(smoke_sweep):

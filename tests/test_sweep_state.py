@@ -16,7 +16,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from _sweep_fixtures import ROOT, remove_ray_tmpdir, short_ray_tmpdir, subprocess_env
+from _sweep_fixtures import ROOT, remove_ray_tmpdir, short_ray_tmpdir, subprocess_env, terminal_sigint
 from _print_config import parse_config_table
 from cxrtune import sweepstate
 
@@ -63,6 +63,9 @@ def _command(tmp: Path, *extra: str, storage: Path | None = None, uri: str | Non
     (["--gpu", "0"], "argument --gpu: 0 is out of range; use a finite number > 0"),
     (["--gpu", "-1"], "argument --gpu: -1 is out of range"),
     (["--time-budget", "0"], "argument --time-budget: 0 is out of range"),
+    (["--budget-hours", "0"], "argument --budget-hours: 0 is out of range"),
+    (["--audit-fraction", "1.5"], "argument --audit-fraction: 1.5 is out of range; use a share between 0 and 1"),
+    (["--audit-fraction", "most"], "argument --audit-fraction: 'most' is not a number"),
     (["--profile", "huge"], "argument --profile: invalid choice: 'huge'"),
 ])
 def test_bad_arguments_are_refused_with_the_valid_range(argv, fragment, tmp_path, capsys):
@@ -171,6 +174,7 @@ def test_one_driver_per_sweep_and_resume_keeps_the_sweeps_arguments(tmp_path, en
     epochs = ("--set", "train.epochs=6")
     with open(log, "w") as out:
         first = subprocess.Popen(_command(tmp_path, *epochs), env=env, cwd=tmp_path, start_new_session=True,
+                                 preexec_fn=terminal_sigint,
                                  stdout=out, stderr=subprocess.STDOUT, text=True)
 
     def wait_for(done) -> None:

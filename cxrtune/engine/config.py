@@ -61,6 +61,8 @@ class TrainConfig(Config):
     compile: bool = param(False, doc="torch.compile the encoders (the study's compile broke on the queue)")
     grad_checkpointing: bool = param(False, doc="recompute activations in backward to save memory")
     checkpoint_every: int = param(10, low=1, doc="epochs between checkpoints (the last epoch always saves)")
+    checkpoint_epochs: tuple[int, ...] = param((), low=1, doc="further epochs that save a checkpoint (a sweep's "
+                                               "rungs: with the wsd schedule, where cooldown branches judge)")
     keep_checkpoints: int = param(3, low=1, doc="how many recent checkpoints to keep")
     monitor_images: int = param(512, low=8, doc="fixed images for the collapse monitors")
     monitor_pairs: int = param(2048, low=1, doc="random pairs for the mean pairwise cosine")

@@ -5,8 +5,11 @@ moves them to the device as uint8 (pinned on CUDA), lets the method augment and 
 there, and steps the optimiser with warmup + cosine (or warmup-stable-decay, whose checkpoints are
 judged on cooldown branches: :mod:`cxrtune.engine.cooldown`), gradient clipping and bf16 autocast on CUDA.
 After every epoch it measures collapse on fixed images, appends a line to ``metrics.jsonl``,
-every ``checkpoint_every`` epochs writes a checkpoint, then calls ``callback(metrics)`` with the
-checkpoint's path under ``"checkpoint"`` (None on epochs without one); the callback may answer
+every ``checkpoint_every`` epochs (and at ``checkpoint_epochs``) writes a checkpoint, then calls
+``callback(metrics)`` with the checkpoint's path under ``"checkpoint"`` (None on epochs without one)
+and ``"judged"``: whether the checkpoint offers a backbone to judge (a wsd run with
+``checkpoint_epochs`` judges only there and at its last epoch; its other checkpoints are for
+resuming); the callback may answer
 ``"stop"``, which saves a checkpoint if the epoch had none. A run started again in the same ``run_dir`` resumes from the latest
 checkpoint and continues exactly as if never interrupted (same batches, views, weights).
 """
@@ -40,7 +43,8 @@ from cxrtune.models.backbone import Backbone, CheckpointError, build_backbone
 METRICS_FILE = "metrics.jsonl"
 #: Keys that may change between a run and its resume without breaking exactness.
 RESUME_MAY_DIFFER = frozenset({"train.device", "train.time_limit_minutes", "train.keep_checkpoints",
-                               "train.checkpoint_every", "train.loss_check_every", "train.compile",
+                               "train.checkpoint_every", "train.checkpoint_epochs", "train.loss_check_every",
+                               "train.compile",
                                "optim.cooldown_fraction", "optim.cooldown_shape"})
 #: Seed offsets so the sampler, the views and the monitor pairs draw from separate streams.
 _AUGMENT_SEED_OFFSET = 1
@@ -353,8 +357,13 @@ def pretrain(config: PretrainConfig | Mapping[str, Any], images: np.ndarray, run
         metrics["images_per_s"] = steps_per_epoch * t.batch_size / train_seconds
         metrics["lr"] = lr
         done = epoch + 1
-        due = done % t.checkpoint_every == 0 or done == t.epochs
-        judged = judge(done, where, metrics) if due else None
+        due = done % t.checkpoint_every == 0 or done == t.epochs or done in t.checkpoint_epochs
+        # A wsd run with rungs (a sweep's trial) judges at its rungs and last epoch only: its other
+        # checkpoints are for resuming, and a cooldown branch at each would cost many epochs.
+        judge_due = due and (config.optim.schedule != "wsd" or not t.checkpoint_epochs
+                             or done in t.checkpoint_epochs or done == t.epochs)
+        judged = judge(done, where, metrics) if judge_due else None
+        metrics["judged"] = judge_due
         metrics["seconds"] = time.perf_counter() - epoch_start
         with open(run_dir / METRICS_FILE, "a") as handle:
             handle.write(json.dumps(metrics) + "\n")

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 from cxrtune.profiles import PROFILES
 
 #: defaults of the recorded arguments
-RECORD_DEFAULTS = {"profile": "default", "source": "phantom", "seed": 0}
+RECORD_DEFAULTS = {"profile": "default", "source": "phantom", "seed": 0, "audit_fraction": 0.0}
 
 
 def positive_int(text: str) -> int:
@@ -27,6 +27,17 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer; use an integer >= 1") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is out of range; use an integer >= 1")
+    return value
+
+
+def share(text: str) -> float:
+    """argparse type: a share between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; use a share between 0 and 1") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is out of range; use a share between 0 and 1")
     return value
 
 
@@ -90,7 +101,9 @@ _RECORDED = {
     "profile": ("profile", None), "source": ("source", None), "root": ("root", _folder),
     "options": ("option", sorted), "eval_source": ("eval_source", None), "eval_root": ("eval_root", _folder),
     "eval_options": ("eval_option", sorted), "set": ("set", sorted), "seed": ("seed", None),
-    "num_samples": ("num_samples", None),
+    "num_samples": ("num_samples", None), "audit_fraction": ("audit_fraction", None),
+    "budget_hours": ("budget_hours", None), "grace_period": ("grace_period", None),
+    "reduction_factor": ("reduction_factor", None),
 }
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from ray.tune.logger import LoggerCallback
 
 from cxrtune.health import trial_status
-from cxrtune.sweepfolder import INITIAL_RESULTS, PROBE_RESULTS, RESULTS_TABLE, RUN_DIR, WORK_DIR
+from cxrtune.sweepfolder import INITIAL_RESULTS, PROBE_RESULTS, RESULTS_TABLE, RUN_DIR, WORK_DIR, read_audit
 from cxrtune.tune_files import PARAMS_FILE, RESULTS_FILE
 from cxrtune.tracking import SweepTracker
 
@@ -32,8 +32,10 @@ _SKIP = {"trial_id", "experiment_id", "date", "timestamp", "pid", "hostname", "n
 class MlflowSweepCallback(LoggerCallback):
     def __init__(self, sweep_name: str, tracking_uri: str | None = None, experiment: str | None = None,
                  tags: dict[str, str] | None = None, params: dict[str, Any] | None = None,
-                 sweep_id: str | None = None, label_keys: tuple[str, ...] = ()) -> None:
+                 sweep_id: str | None = None, label_keys: tuple[str, ...] = (),
+                 audit_file: str | Path | None = None) -> None:
         self.sweep_name = sweep_name
+        self.audit_file = str(audit_file) if audit_file else None
         self.label_keys = tuple(label_keys)
         self.sweep_id = sweep_id
         self.tracking_uri = tracking_uri
@@ -81,13 +83,25 @@ class MlflowSweepCallback(LoggerCallback):
         metrics = {k: v for k, v in result.items() if k not in _SKIP}
         step = int(result.get("training_iteration", iteration))
         self.tracker.log_metrics(run_id, metrics, step=step)
+        self._tag_audit(trial.trial_id, run_id)
         self._last[trial.trial_id] = result
         self._live.add(trial.trial_id)
+
+    def _tag_audit(self, trial_id: str, run_id: str) -> None:
+        """Tag the run of a trial the pruning audit let run on (once; the scheduler lists it in
+        ``audit.json`` when ASHA would have stopped it)."""
+        path = getattr(self, "audit_file", None)  # absent in callbacks pickled by older sweeps
+        tagged = self.__dict__.setdefault("_audit_tagged", set())
+        if not path or trial_id in tagged or trial_id not in read_audit(path):
+            return
+        self.tracker.client.set_tag(run_id, "cxrtune.audit", "true")
+        tagged.add(trial_id)
 
     def log_trial_end(self, trial, failed: bool = False) -> None:
         result = self._last.get(trial.trial_id) or getattr(trial, "last_result", None)
         status = trial_status(result, failed)
         run_id = self.tracker.child_run(trial.trial_id)
+        self._tag_audit(trial.trial_id, run_id)
         folders = trial_folders(trial)
         if folders:
             self._log_trial_files(run_id, folders)

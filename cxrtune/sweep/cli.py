@@ -22,12 +22,13 @@ import time
 from typing import Any
 
 from cxrtune.errors import CxrtuneError
-from cxrtune.profiles import PROFILES, get_profile, profile_notes
+from cxrtune.profiles import PROFILES, Profile, get_profile, profile_notes
 from cxrtune.sweep.args import (RECORD_DEFAULTS, add_common_arguments, add_eval_source_arguments, apply_record,
-                                parse_sets, positive_float, positive_int, resume_hint, run_command, sweep_record,
-                                with_defaults)
+                                parse_sets, positive_float, positive_int, resume_hint, run_command, share,
+                                sweep_record, with_defaults)
 from cxrtune.sweepfolder import CONSOLE_LOG
 from cxrtune.sweep.data import EpisodePlan, data_params, prepare_data
+from cxrtune.sweep.planning import budget_line, plan_params
 from cxrtune.sweep.summary import summarise, trials_table, write_report
 
 
@@ -58,15 +59,43 @@ def build_parser(sweep: PretrainSweep) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=None, help="seed of the Optuna sampler (default: 0)")
     parser.add_argument("--time-budget", type=positive_float, default=None, metavar="MINUTES",
                         help="stop starting trials after this many minutes (running ones are stopped too)")
+    parser.add_argument("--budget-hours", type=positive_float, default=None, metavar="H",
+                        help="plan the sweep to H wall hours of its resources: a trial's rate is measured first, "
+                             "then trials and rungs are chosen to fit; no trial starts and none is promoted that the "
+                             "rest of the budget cannot carry to its next rung (default: the profile's budget, 48 "
+                             "for l4; the other profiles run their trial count)")
+    parser.add_argument("--grace-period", type=positive_int, default=None, metavar="EPOCHS",
+                        help="ASHA's first rung, epochs (default: the profile's); widen it where the report's "
+                             "'Early judgements' section shows early rungs do not predict the final objective")
+    parser.add_argument("--reduction-factor", type=positive_int, default=None, metavar="ETA",
+                        help="ASHA's reduction factor: each rung keeps the best 1/ETA (default: the profile's, 2; "
+                             "3 for l4)")
+    parser.add_argument("--audit-fraction", type=share, default=None, metavar="P",
+                        help="pruning audit: this share of the trials ASHA stops (seeded) runs to the full budget "
+                             "anyway, tagged audit and left out of the selection; the report measures from them how "
+                             "well early rungs predict the final objective (default 0: none)")
     return parser
 
 
-def resolve(sweep: PretrainSweep, profile: str, sets: dict[str, Any]):
-    """A trial's config before the search samples its point (a :class:`cxrtune.resolve.PretrainResolved`)."""
+#: ASHA's reduction factor in the pretraining sweeps (a profile may set its own: ``reduction``)
+ASHA_REDUCTION = 2
+
+
+def asha_settings(profile: Profile, grace: int | None = None, eta: int | None = None) -> tuple[int, int]:
+    """(grace period, reduction factor) of a profile's sweeps; those given replace the profile's."""
+    return grace or profile.sweep["grace_period"], eta or profile.sweep.get("reduction", ASHA_REDUCTION)
+
+
+def resolve(sweep: PretrainSweep, profile: str, sets: dict[str, Any], grace: int | None = None,
+            eta: int | None = None):
+    """A trial's config before the search samples its point (a :class:`cxrtune.resolve.PretrainResolved`);
+    its checkpoints fall on ASHA's rungs unless the script or ``--set`` places them."""
     from cxrtune.resolve import resolve_pretrain  # torch and the methods: not for --help
 
     return resolve_pretrain(profile, sweep.method, fixed=sweep.fixed, fixed_origin=f"sweep script {sweep.name}",
-                            sets=sets, method_origin=f"sweep script {sweep.name}")
+                            sets=sets, method_origin=f"sweep script {sweep.name}",
+                            asha=asha_settings(profile if isinstance(profile, Profile) else get_profile(profile), grace,
+                                               eta))
 
 
 def searched_space(sweep: PretrainSweep, resolved, sets: dict[str, Any]) -> dict[str, Any]:
@@ -97,8 +126,9 @@ def describe_domain(domain: Any) -> str:
     return repr(domain)
 
 
-def print_config(sweep: PretrainSweep, profile: str, sets: dict[str, Any], out=None) -> None:
-    resolved = resolve(sweep, profile, sets)
+def print_config(sweep: PretrainSweep, profile: str, sets: dict[str, Any], out=None, grace: int | None = None,
+                 eta: int | None = None) -> None:
+    resolved = resolve(sweep, profile, sets, grace, eta)
     space = searched_space(sweep, resolved, sets)
     searched = {k: (describe_domain(v), "searched" + (f"; seed point {sweep.seed_point[k]!r}"
                                                       if k in sweep.seed_point else "")) for k, v in space.items()}
@@ -113,13 +143,14 @@ def run(sweep: PretrainSweep, args: argparse.Namespace) -> int:
     from cxrtune.sweep.runner import open_sweep
 
     if args.print_config:
-        print_config(sweep, args.profile if args.profile is not None else RECORD_DEFAULTS["profile"], parse_sets(args))
+        print_config(sweep, args.profile if args.profile is not None else RECORD_DEFAULTS["profile"], parse_sets(args),
+                     grace=args.grace_period, eta=args.reduction_factor)
         return 0
     name = args.name if args.name is not None else sweep.name
     record = sweep_record(args)
     if not args.resume:
         record = with_defaults(record)
-        resolve(sweep, record["profile"], parse_sets(args))  # a bad --set is refused before anything is written
+        resolve(sweep, record["profile"], parse_sets(args), args.grace_period, args.reduction_factor)  # a bad --set is refused before anything is written
     with open_sweep(name, args.storage, resume=args.resume, tracking_uri=args.tracking_uri, record=record,
                     resume_hint=f"(sweep {name} in {args.storage})") as opened:
         apply_record(args, opened.record)
@@ -142,7 +173,7 @@ def _run_open(sweep: PretrainSweep, args: argparse.Namespace, opened) -> int:
     name, folder = opened.name, opened.folder
     started = time.time()
     sets = parse_sets(args)
-    resolved = resolve(sweep, args.profile, sets)
+    resolved = resolve(sweep, args.profile, sets, args.grace_period, args.reduction_factor)
     space = searched_space(sweep, resolved, sets)
     print(f"sweep {name}: profile {args.profile} ({profile.note})")
     probe = resolved.probe
@@ -157,18 +188,32 @@ def _run_open(sweep: PretrainSweep, args: argparse.Namespace, opened) -> int:
     sweepstate.write_inputs(folder, inputs)
     fixed = resolved.flat
     epochs = int(fixed["train.epochs"])
+    points = search_points(sweep, space, fixed, profile.sweep)
+    max_concurrent = args.max_concurrent if args.max_concurrent is not None else profile.sweep["max_concurrent"]
+    grace, reduction = asha_settings(profile, args.grace_period, args.reduction_factor)
+    if reduction < 2:
+        raise CxrtuneError(f"--reduction-factor {reduction}: ASHA keeps 1/ETA of the trials at each rung; use 2 or more")
+    grace = min(grace, epochs)
+    budget_hours = args.budget_hours if args.budget_hours is not None else profile.sweep.get("budget_hours")
+    plan = cost = None
+    if budget_hours:
+        plan, cost = _budget_plan(args, budget_hours, opened, resolved, points[0] if points else {}, data, profile,
+                                  epochs, (grace, reduction), max_concurrent)
     spec = SweepSpec(
         name=name, trainable=tune.with_parameters(pretrain_trainable, inputs=inputs),
         param_space={**fixed, **space}, metric=sweep.objective, mode="max",
-        num_samples=args.num_samples if args.num_samples is not None else profile.sweep["num_samples"],
-        max_concurrent=args.max_concurrent if args.max_concurrent is not None else profile.sweep["max_concurrent"],
+        num_samples=(plan.trials if plan is not None else
+                     args.num_samples if args.num_samples is not None else profile.sweep["num_samples"]),
+        max_concurrent=max_concurrent,
         resources={**profile.sweep["resources"], **({"gpu": args.gpu} if args.gpu is not None else {})},
-        require_gpu=args.gpu is not None, points_to_evaluate=search_points(sweep, space, fixed, profile.sweep),
+        require_gpu=args.gpu is not None, points_to_evaluate=points,
         seed=args.seed, asha=True, time_budget_s=args.time_budget * 60 if args.time_budget else None,
-        max_t=epochs, grace_period=min(profile.sweep["grace_period"], epochs),
+        max_t=epochs, grace_period=grace, reduction_factor=reduction,
+        audit_fraction=args.audit_fraction or 0.0,
+        budget_s=plan.budget_hours * 3600 if plan is not None else None, cost=cost,
         tags={"cxrtune.method": sweep.method, "cxrtune.profile": args.profile, "cxrtune.source": data.source.name,
               "cxrtune.eval_source": data.eval_source.name},
-        params=data_params(data),
+        params={**data_params(data), **(plan_params(plan) if plan is not None else {})},
     )
     if not args.verbose:
         print(f"Ray's own output: {folder / CONSOLE_LOG} (--verbose shows it here)")
@@ -183,6 +228,9 @@ def _run_open(sweep: PretrainSweep, args: argparse.Namespace, opened) -> int:
         return 130
     summary = summarise(results, sweep.objective, sweep.space, folder, data,
                         emit=lambda text: print(text, flush=True))
+    used = budget_line(folder)
+    if used:
+        print(used)
     if not args.no_report:
         write_report(name, args.storage, opened)
     print(f"sweep folder: {folder}; wall time {time.time() - started:.0f} s")
@@ -190,6 +238,24 @@ def _run_open(sweep: PretrainSweep, args: argparse.Namespace, opened) -> int:
         print(f"error: {summary['failed']}", file=sys.stderr)
         return 1
     return 0
+
+
+def _budget_plan(args, budget_hours: float, opened, resolved, point, data, profile, epochs: int,
+                 asha: tuple[int, int], max_concurrent: int):
+    """The sweep's budget plan: measured and written for a new sweep, read back on a resume."""
+    from cxrtune.sweep.planning import make_plan, measure_cost, read_plan, write_plan
+
+    planned = read_plan(opened.folder) if opened.resume else None
+    if planned is None:
+        threads = resolved.trial.threads or int(max(1, profile.sweep["resources"].get("cpu", 1)))
+        print(f"measuring a trial's rate ({threads} thread(s)) for a plan of {budget_hours:g} hours ...", flush=True)
+        cost = measure_cost(resolved, point, data, threads)
+        plan = make_plan(budget_hours, cost, epochs, asha[0], asha[1], max_concurrent, args.num_samples)
+        write_plan(opened.folder, plan, cost)
+    else:
+        plan, cost = planned
+    print(plan.describe(), flush=True)
+    return plan, cost
 
 
 def search_points(sweep: PretrainSweep, space: dict[str, Any], fixed: dict[str, Any],

@@ -45,7 +45,26 @@ def _same_params(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
 
 class ResumableOptunaSearch(OptunaSearch):
-    """``OptunaSearch`` whose seed points are evaluated once per study, not once per start."""
+    """``OptunaSearch`` whose seed points are evaluated once per study, not once per start.
+
+    ``budget = (sweep folder, budget seconds, a trial's cost as a dict, grace period)``: no trial is
+    started that the remaining budget cannot carry to its first rung (:mod:`cxrtune.sweep.budget`);
+    the search then ends."""
+
+    budget: tuple[str, float, dict, int] | None = None
+
+    def suggest(self, trial_id: str):
+        budget = getattr(self, "budget", None)
+        if budget is not None:
+            from ray.tune.search import Searcher
+
+            from cxrtune.sweep.budget import BudgetClock, CostModel
+
+            folder, budget_s, cost, grace = budget
+            clock = BudgetClock.of(folder, budget_s)
+            if not clock.allows(clock.start_seconds(CostModel(**cost), grace), "trial start", trial_id):
+                return Searcher.FINISHED
+        return super().suggest(trial_id)
 
     def _setup_study(self, mode):  # noqa: D401 - same contract as the parent
         points = self._points_to_evaluate

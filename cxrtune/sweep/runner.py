@@ -20,15 +20,16 @@ from typing import Any, Callable, Iterator
 import optuna
 import ray
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 
 from cxrtune import sweepstate
 from cxrtune.errors import ConfigError, CxrtuneError
 from cxrtune.sweep import interrupt
+from cxrtune.sweep.budget import CostModel
 from cxrtune.sweep.callbacks import TRACKING_OVERRIDES, MlflowSweepCallback
 from cxrtune.sweep.console import ConsoleCallback, RayConsole
-from cxrtune.sweepfolder import CONSOLE_LOG
+from cxrtune.sweep.scheduler import SweepASHA
+from cxrtune.sweepfolder import AUDIT_FILE, CONSOLE_LOG
 from cxrtune.sweep.optuna_state import ResumableOptunaSearch, fail_stale_running_trials
 
 DEFAULT_STORAGE = "./cxrtune-runs"
@@ -58,6 +59,12 @@ class SweepSpec:
     max_t: int = 10
     grace_period: int = 1
     reduction_factor: int = 2
+    #: pruning audit: the share of the trials ASHA stops that run on to max_t (cxrtune.sweep.scheduler)
+    audit_fraction: float = 0.0
+    #: the budget in wall seconds (``--budget-hours``) and a trial's cost (cxrtune.sweep.budget):
+    #: no trial starts and none is promoted that the remaining budget cannot carry to its next rung
+    budget_s: float | None = None
+    cost: CostModel | None = None
     time_budget_s: float | None = None
     tags: dict[str, str] = dataclasses.field(default_factory=dict)
     #: "optuna" (TPE over the space) or "grid" (every combination of tune.grid_search entries)
@@ -258,9 +265,13 @@ def _run(spec: SweepSpec, opened: OpenSweep, storage, address, num_cpus, verbose
                 sampler=optuna.samplers.TPESampler(seed=spec.seed),
                 study_name=spec.name, storage=optuna.storages.RDBStorage(study_url),
             )
+            if spec.budget_s is not None:
+                searcher.budget = (str(folder), spec.budget_s, spec.cost.to_dict(), min(spec.grace_period, spec.max_t))
             search_alg = ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent)
-        scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=spec.max_t,
-                                   grace_period=spec.grace_period, reduction_factor=spec.reduction_factor)
+        scheduler = (SweepASHA(time_attr="training_iteration", max_t=spec.max_t, grace_period=spec.grace_period,
+                               reduction_factor=spec.reduction_factor, folder=folder,
+                               audit_fraction=spec.audit_fraction, audit_seed=spec.seed,
+                               budget_s=spec.budget_s, cost=spec.cost)
                      if spec.asha else None)
         tuner = tune.Tuner(
             trainable,
@@ -276,7 +287,8 @@ def _run(spec: SweepSpec, opened: OpenSweep, storage, address, num_cpus, verbose
                 name=spec.name, storage_path=str(folder.parent), verbose=verbose,
                 callbacks=[interrupt.InterruptWatch(),
                            MlflowSweepCallback(spec.name, opened.tracking_uri, tags=spec.tags, params=spec.params,
-                                               sweep_id=opened.sweep_id, label_keys=_searched_keys(spec)),
+                                               sweep_id=opened.sweep_id, label_keys=_searched_keys(spec),
+                                               audit_file=folder / AUDIT_FILE),
                            ConsoleCallback(spec.console_keys, spec.metric, str(log_path) if log_path else None)],
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
