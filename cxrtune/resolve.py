@@ -125,12 +125,15 @@ def _pretrain_defaults(method: str) -> dict[str, Any]:
 def resolve_pretrain(profile: str | Profile, method: str, *, fixed: Mapping[str, Any] | None = None,
                      fixed_origin: str = "fixed", sets: Mapping[str, Any] | None = None,
                      point: Mapping[str, Any] | None = None, point_origin: str = "searched",
-                     method_origin: str = "--method", asha: tuple[int, int] | None = None) -> PretrainResolved:
+                     method_origin: str = "--method", asha: tuple[int, int] | None = None,
+                     budgeted: bool = False) -> PretrainResolved:
     """The config of a pretraining run of ``method`` under ``profile``, with its provenance.
 
     ``asha=(grace, reduction)``: the run is a trial of a sweep whose ASHA judges it at these rungs;
     unless the sweep script or ``--set`` chose ``train.checkpoint_epochs``, the trial checkpoints
-    (and so is judged) at every rung (:func:`cxrtune.plan.asha_rungs`)."""
+    (and so is judged) at every rung (:func:`cxrtune.plan.asha_rungs`). ``budgeted``: the sweep
+    runs to a budget, where warmup-stable-decay is the default schedule (a rung's judgement then
+    does not depend on how long the trial would train) unless the script or ``--set`` chose one."""
     profile = get_profile(profile) if isinstance(profile, str) else profile
     entry = get_method(method)
     flat = _pretrain_defaults(method)
@@ -144,6 +147,8 @@ def resolve_pretrain(profile: str | Profile, method: str, *, fixed: Mapping[str,
     _apply(flat, origin, f"profile {profile.name}: budget", profile.budget, what, method, other_methods_silent=True)
     for layer, values in ((f"profile {profile.name}: probe", profile.probe), (fixed_origin, fixed), ("--set", sets)):
         _apply(flat, origin, layer, values, what, method)
+    if budgeted and origin["optim.schedule"] not in (fixed_origin, "--set"):
+        _apply(flat, origin, "sweep: budgeted (--budget-hours)", {"optim.schedule": "wsd"}, what, method)
     if asha is not None and origin["train.checkpoint_epochs"] not in (fixed_origin, "--set"):
         epochs = int(flat["train.epochs"])
         grace, eta = min(asha[0], epochs), asha[1]

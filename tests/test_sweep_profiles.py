@@ -199,3 +199,22 @@ def test_the_cpu_profile_tests_on_every_held_out_image_and_fits_an_hour(archive,
     assert spec.param_space["train.time_limit_minutes"] <= 57
     assert stopping_rungs(spec) == []  # both trials train all their epochs: ASHA has nothing to stop
     assert spec.points_to_evaluate[0] == STUDY and len(spec.points_to_evaluate) == 2
+
+
+def test_a_budgeted_sweep_trains_on_wsd_judged_at_its_rungs_unless_told_otherwise():
+    sweep = load_sweep("moco_variance")
+    budgeted = resolve_config(sweep, "default", {}, budget_hours=1.0)
+    assert budgeted.flat["optim.schedule"] == "wsd"
+    assert budgeted.origin["optim.schedule"] == "sweep: budgeted (--budget-hours)"
+    assert budgeted.flat["train.checkpoint_epochs"] == [1, 2]  # grace 1, reduction 2, 3 epochs
+    assert resolve_config(sweep, "default", {"optim.schedule": "cosine"}, budget_hours=1.0).flat["optim.schedule"] == "cosine"
+    assert resolve_config(sweep, "default", {}).flat["optim.schedule"] == "cosine"
+    # l4 plans to 48 GPU hours on WSD with rungs at 12, 36, 108 of 200 epochs; study is the full recipe
+    l4 = resolve_config(sweep, "l4", {})
+    assert (l4.flat["optim.schedule"], l4.flat["train.epochs"], l4.flat["train.checkpoint_epochs"]) == \
+        ("wsd", 200, [12, 36, 108])
+    assert PROFILES["l4"].sweep["budget_hours"] == 48.0 and "budget_hours" not in PROFILES["study"].sweep
+    study = resolve_config(sweep, "study", {})
+    assert (study.flat["optim.schedule"], study.flat["train.epochs"]) == ("cosine", 800)
+    # a wider grace period or another reduction moves the judgements with ASHA
+    assert resolve_config(sweep, "default", {"train.epochs": 9}, grace=1, eta=3).flat["train.checkpoint_epochs"] == [1, 3]

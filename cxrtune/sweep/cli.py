@@ -87,15 +87,18 @@ def asha_settings(profile: Profile, grace: int | None = None, eta: int | None = 
 
 
 def resolve(sweep: PretrainSweep, profile: str, sets: dict[str, Any], grace: int | None = None,
-            eta: int | None = None):
+            eta: int | None = None, budget_hours: float | None = None):
     """A trial's config before the search samples its point (a :class:`cxrtune.resolve.PretrainResolved`);
-    its checkpoints fall on ASHA's rungs unless the script or ``--set`` places them."""
+    its checkpoints fall on ASHA's rungs unless the script or ``--set`` places them, and a budgeted
+    sweep (``--budget-hours``, or a profile with a budget) trains on warmup-stable-decay unless they
+    choose the schedule."""
     from cxrtune.resolve import resolve_pretrain  # torch and the methods: not for --help
 
+    prof = profile if isinstance(profile, Profile) else get_profile(profile)
     return resolve_pretrain(profile, sweep.method, fixed=sweep.fixed, fixed_origin=f"sweep script {sweep.name}",
                             sets=sets, method_origin=f"sweep script {sweep.name}",
-                            asha=asha_settings(profile if isinstance(profile, Profile) else get_profile(profile), grace,
-                                               eta))
+                            asha=asha_settings(prof, grace, eta),
+                            budgeted=bool(budget_hours or prof.sweep.get("budget_hours")))
 
 
 def searched_space(sweep: PretrainSweep, resolved, sets: dict[str, Any]) -> dict[str, Any]:
@@ -127,8 +130,8 @@ def describe_domain(domain: Any) -> str:
 
 
 def print_config(sweep: PretrainSweep, profile: str, sets: dict[str, Any], out=None, grace: int | None = None,
-                 eta: int | None = None) -> None:
-    resolved = resolve(sweep, profile, sets, grace, eta)
+                 eta: int | None = None, budget_hours: float | None = None) -> None:
+    resolved = resolve(sweep, profile, sets, grace, eta, budget_hours)
     space = searched_space(sweep, resolved, sets)
     searched = {k: (describe_domain(v), "searched" + (f"; seed point {sweep.seed_point[k]!r}"
                                                       if k in sweep.seed_point else "")) for k, v in space.items()}
@@ -144,13 +147,14 @@ def run(sweep: PretrainSweep, args: argparse.Namespace) -> int:
 
     if args.print_config:
         print_config(sweep, args.profile if args.profile is not None else RECORD_DEFAULTS["profile"], parse_sets(args),
-                     grace=args.grace_period, eta=args.reduction_factor)
+                     grace=args.grace_period, eta=args.reduction_factor, budget_hours=args.budget_hours)
         return 0
     name = args.name if args.name is not None else sweep.name
     record = sweep_record(args)
     if not args.resume:
         record = with_defaults(record)
-        resolve(sweep, record["profile"], parse_sets(args), args.grace_period, args.reduction_factor)  # a bad --set is refused before anything is written
+        resolve(sweep, record["profile"], parse_sets(args), args.grace_period, args.reduction_factor,
+                args.budget_hours)  # a bad --set is refused before anything is written
     with open_sweep(name, args.storage, resume=args.resume, tracking_uri=args.tracking_uri, record=record,
                     resume_hint=f"(sweep {name} in {args.storage})") as opened:
         apply_record(args, opened.record)
@@ -173,7 +177,7 @@ def _run_open(sweep: PretrainSweep, args: argparse.Namespace, opened) -> int:
     name, folder = opened.name, opened.folder
     started = time.time()
     sets = parse_sets(args)
-    resolved = resolve(sweep, args.profile, sets, args.grace_period, args.reduction_factor)
+    resolved = resolve(sweep, args.profile, sets, args.grace_period, args.reduction_factor, args.budget_hours)
     space = searched_space(sweep, resolved, sets)
     print(f"sweep {name}: profile {args.profile} ({profile.note})")
     probe = resolved.probe
