@@ -30,14 +30,14 @@ ITERATIONS = 6
 
 
 def _sweep(tmp_path: Path, name: str, fraction: float) -> Path:
-    """Four trials one after the other (the study's point x = 0.3 first), ASHA with grace 1 and
+    """Three trials one after the other (the study's point x = 0.3 first), ASHA with grace 1 and
     reduction 2 over 6 iterations; returns the sweep folder."""
     ray_tmp = short_ray_tmpdir()
     storage = tmp_path / name
     try:
         done = subprocess.run(
             [sys.executable, str(DRIVER), "--storage", str(storage), "--uri", f"sqlite:///{tmp_path / name}.db",
-             "--markers", str(tmp_path / f"{name}-markers"), "--samples", "4", "--concurrent", "1", "--sleep", "0.05",
+             "--markers", str(tmp_path / f"{name}-markers"), "--samples", "3", "--concurrent", "1", "--sleep", "0.05",
              "--audit-fraction", str(fraction)],
             env=subprocess_env(tmp_path / "cache", ray_tmp), capture_output=True, text=True, timeout=300)
     finally:
@@ -104,9 +104,9 @@ def test_audited_trials_are_tagged_in_mlflow_and_complete_in_optuna(sweeps):
     runs = [r for r in client.search_runs([client.get_experiment_by_name("cxrtune/synthetic").experiment_id])
             if "cxrtune.trial_id" in r.data.tags]
     tagged = {r.data.tags["cxrtune.trial_id"] for r in runs if r.data.tags.get("cxrtune.audit") == "true"}
-    assert tagged == listed and len(runs) == 4
+    assert tagged == listed and len(runs) == 3
     study = optuna.load_study(study_name="synthetic", storage=f"sqlite:///{sweeps['audited'] / 'optuna.db'}")
-    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4  # trained to the end: full-fidelity values
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3  # trained to the end: full-fidelity values
 
 
 @pytest.mark.slow
@@ -132,7 +132,7 @@ def test_the_report_measures_rung_fidelity_and_regret_from_the_audit(sweeps):
     assert sweep.trials["audit"].sum() == len(read_audit(sweeps["audited"] / AUDIT_FILE))
     section = fidelity_section(sweep)
     table = section.data["fidelity_full"]
-    assert table["epoch"].tolist() == [1, 2, 3, 4, 5] and (table["trials"] == 4).all()
+    assert table["epoch"].tolist() == [1, 2, 3, 4, 5] and (table["trials"] == 3).all()
     text = " ".join(getattr(b, "text", "") for b in section.blocks)
     assert "Regret of ASHA's pick" in text and "a trial ASHA stopped would have ended better" in text
 
