@@ -157,7 +157,10 @@ def test_the_lost_trial_was_retried_from_its_checkpoint(node_lost):
     assert [r["epoch"] for r in before["results"]] == [1]
     # Tune recorded one failure of the trial, the loss of its node, and retried it
     failures = (lost / "error.txt").read_text()
-    assert failures.count("Failure #") == 1 and "node has died" in failures, failures
+    # Ray words the loss as the node's death or, when the actor's socket closes first, as the actor
+    # being unavailable (seen in a CI run): either way one failure, the lost node's
+    assert failures.count("Failure #") == 1, failures
+    assert "node has died" in failures or ("is unavailable" in failures and "Socket closed" in failures), failures
     results = results_of(lost)
     # Tune's record goes on from epoch 1 in a new worker process: no second epoch 1
     assert [r["epoch"] for r in results] == [1, 2], results
