@@ -28,9 +28,10 @@ from cxrtune.engine.train import build_optimizer, optimizer_step
 from cxrtune.methods import Progress, build_method, method_names
 from cxrtune.models.backbone import Backbone, build_backbone
 
-#: Dense bf16 peak TFLOP/s (vendor data sheets, no sparsity).
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0,
-                    "RTX 4090": 165.0, "V100": 125.0}
+#: Dense bf16 peak TFLOP/s (vendor data sheets, no sparsity); the first name the device's name
+#: contains wins, so the PCIe and NVL H100s come before the SXM one.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "A100": 312.0,
+                    "L40S": 362.0, "L4": 121.0, "A10": 125.0, "RTX 4090": 165.0, "V100": 125.0}
 
 
 def peak_tflops(device: torch.device, override: float | None) -> float | None:
@@ -46,12 +47,15 @@ def peak_tflops(device: torch.device, override: float | None) -> float | None:
 
 
 def make_step(method_name: str, device: torch.device, tiny: bool, batch: int | None, compile_: bool,
-              channels_last: bool):
+              channels_last: bool, grad_checkpointing: bool | None = None):
     config = (smoke if tiny else study)(method_name)
+    if grad_checkpointing is not None:
+        config = config.override({"train.grad_checkpointing": grad_checkpointing})
     size = config.train.image_size
     batch = batch or config.train.batch_size
     torch.manual_seed(0)
     method = build_method(method_name, build_backbone(config.model.arch), config.method_config()).to(device)
+    method.backbone.grad_checkpointing = config.train.grad_checkpointing
     if channels_last:
         method.to(memory_format=torch.channels_last)
         for module in method.modules():
@@ -77,12 +81,26 @@ def make_step(method_name: str, device: torch.device, tiny: bool, batch: int | N
 
 
 def measure(method_name: str, device: torch.device, tiny: bool, batch: int | None, compile_: bool,
-            channels_last: bool, steps: int, warmup: int, peak: float | None) -> dict:
-    step, batch, config = make_step(method_name, device, tiny, batch, compile_, channels_last)
-    with FlopCounterMode(display=False) as flops:
-        step()
+            channels_last: bool, steps: int, warmup: int, peak: float | None,
+            grad_checkpointing: bool | None = None) -> dict:
+    """One row: images/s over ``steps`` timed steps after ``warmup`` (the first of which pays for
+    compilation and cuDNN's autotuning: ``first_step_s``), FLOPs of one step, MFU, peak memory."""
+    step, batch, config = make_step(method_name, device, tiny, batch, compile_, channels_last, grad_checkpointing)
+    if compile_:  # count FLOPs on the eager graph: the counter does not see inside compiled code
+        eager, _, _ = make_step(method_name, device, tiny, batch, False, channels_last, grad_checkpointing)
+        with FlopCounterMode(display=False) as flops:
+            eager()
+        del eager
+    else:
+        with FlopCounterMode(display=False) as flops:
+            step()
     flops_per_image = flops.get_total_flops() / batch
-    for _ in range(warmup):
+    first = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    first_step_s = time.perf_counter() - first
+    for _ in range(max(0, warmup - 1)):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -95,7 +113,9 @@ def measure(method_name: str, device: torch.device, tiny: bool, batch: int | Non
     seconds = time.perf_counter() - start
     images_per_s = steps * batch / seconds
     result = {"method": method_name, "arch": config.model.arch, "size": config.train.image_size, "batch": batch,
-              "compile": compile_, "channels_last": channels_last, "images_per_s": round(images_per_s, 1),
+              "compile": compile_, "channels_last": channels_last,
+              "grad_checkpointing": config.train.grad_checkpointing, "first_step_s": round(first_step_s, 2),
+              "images_per_s": round(images_per_s, 1),
               "gflop_per_image": round(flops_per_image / 1e9, 2),
               "achieved_tflops": round(flops_per_image * images_per_s / 1e12, 2)}
     if peak:

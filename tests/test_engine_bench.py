@@ -86,8 +86,10 @@ def test_gpu_throughput_runs_tiny_on_cpu(monkeypatch):
     expected_flops = 4 * forward
     assert r["gflop_per_image"] * 1e9 == pytest.approx(expected_flops, rel=0.08)
 
-    # the timed window holds exactly the `steps` timed steps: not the FLOP-counting step, not the warm-up
-    (start, before), (end, after) = readings[0], readings[-1]
+    # the timed window (the last two clock readings; the first two time the first step) holds
+    # exactly the `steps` timed steps: not the FLOP-counting step, not the warm-up
+    assert [done for _, done in readings[:2]] == [1, 2] and r["first_step_s"] >= 0
+    (start, before), (end, after) = readings[-2], readings[-1]
     assert (before, after) == (2, 2 + steps)
     seconds = end - start
     assert 0 < seconds <= outer

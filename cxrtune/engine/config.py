@@ -58,7 +58,8 @@ class TrainConfig(Config):
     device: str = param("auto", doc="auto | cpu | cuda | cuda:N")
     precision: str = param("auto", choices=("auto", "bf16", "fp32"), doc="auto: bf16 autocast on CUDA, fp32 on CPU")
     channels_last: bool = param(True, doc="NHWC memory format (applied on CUDA only)")
-    compile: bool = param(False, doc="torch.compile the encoders (the study's compile broke on the queue)")
+    compile: bool = param(False, doc="torch.compile the encoders' ResNet trunks; heads, the MoCo queue and EMA updates "
+                                     "stay eager (the study's whole-model compile broke on the queue update)")
     grad_checkpointing: bool = param(False, doc="recompute activations in backward to save memory")
     checkpoint_every: int = param(10, low=1, doc="epochs between checkpoints (the last epoch always saves)")
     checkpoint_epochs: tuple[int, ...] = param((), low=1, doc="further epochs that save a checkpoint (a sweep's "
@@ -68,6 +69,8 @@ class TrainConfig(Config):
     monitor_pairs: int = param(2048, low=1, doc="random pairs for the mean pairwise cosine")
     time_limit_minutes: float = param(0.0, low=0, doc="stop (with a checkpoint) after the epoch that passes this; 0 = none")
     loss_check_every: int = param(10, low=1, doc="steps between NaN/inf checks on CUDA (every step on CPU)")
+    prefetch: int = param(2, low=0, doc="batches gathered ahead on a background thread into reusable (pinned) "
+                                        "buffers, copied on a side CUDA stream; 0 = on the training thread")
 
 
 @dataclass

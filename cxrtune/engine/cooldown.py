@@ -37,15 +37,18 @@ def cooldown_steps(fraction: float, steps_done: int) -> int:
 
 def run_cooldown(method: SSLMethod, optimizer: torch.optim.Optimizer, batches: Iterator[torch.Tensor],
                  augment, where: Progress, start_lr: float, floor: float, steps: int, shape: str,
-                 step_fn: Callable, use_bf16: bool, device: torch.device) -> tuple[dict[str, torch.Tensor], float]:
+                 step_fn: Callable, use_bf16: bool, device: torch.device, *,
+                 check_every: int = 1) -> tuple[dict[str, torch.Tensor], float]:
     """Train a branch of ``steps`` steps from the current state, then restore that state.
 
     Returns the branch's backbone (torchvision key names, on the CPU) and its mean loss.
-    ``step_fn(method, optimizer, loss, where)`` is the engine's optimiser step.
+    ``step_fn(method, optimizer, loss, where)`` is the engine's optimiser step. The loss is read on
+    the host (a device sync) every ``check_every`` steps and at the last, as in the main loop; a
+    non-finite loss raises :class:`DivergenceError` naming the first step checked that shows it.
     """
     saved_method = copy.deepcopy(method.state_dict())
     saved_optimizer = copy.deepcopy(optimizer.state_dict())
-    losses = []
+    total = torch.zeros((), device=device)
     try:
         for k in range(steps):
             lr = cooldown_lr(start_lr, floor, k, steps, shape)
@@ -53,14 +56,16 @@ def run_cooldown(method: SSLMethod, optimizer: torch.optim.Optimizer, batches: I
                 group["lr"] = lr
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss = method.training_loss(next(batches), augment, where)["loss"]
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise DivergenceError(f"{method.name}: the loss became {value} at step {k + 1} of the cooldown branch "
-                                      f"after epoch {where.epoch + 1} (lr {lr:.3g})", epoch=where.epoch + 1, loss=value)
-            losses.append(value)
+            total += loss.detach().float()
+            if (k + 1) % check_every == 0 or k == steps - 1:
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise DivergenceError(f"{method.name}: the loss became {value} at step {k + 1} of the cooldown "
+                                          f"branch after epoch {where.epoch + 1} (lr {lr:.3g})",
+                                          epoch=where.epoch + 1, loss=value)
             step_fn(method, optimizer, loss, where)
         judged = {k: v.detach().cpu().clone() for k, v in method.backbone.torchvision_state_dict().items()}
     finally:
         method.load_state_dict(saved_method)
         optimizer.load_state_dict(saved_optimizer)
-    return judged, sum(losses) / len(losses)
+    return judged, float(total) / steps

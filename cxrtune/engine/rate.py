@@ -1,13 +1,14 @@
 """How fast a pretraining config trains here: seconds per optimiser step, measured.
 
 :func:`step_seconds` builds the run exactly as :func:`cxrtune.engine.train.pretrain` does (method,
-optimiser, augmentation on the device, bf16 autocast on CUDA), runs ``warmup`` steps untimed (the
+optimiser, batches through the prefetcher, augmentation on the device, bf16 autocast on CUDA), runs ``warmup`` steps untimed (the
 allocator, cuDNN's autotuner, lazy inits), then times ``steps`` steps and returns the median. A
 sweep's budget planner turns it into hours per epoch (:mod:`cxrtune.plan`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 
@@ -17,7 +18,8 @@ import torch
 from cxrtune.augment import BatchAugment
 from cxrtune.device import resolve_device
 from cxrtune.engine.config import PretrainConfig
-from cxrtune.engine.train import _fetch, build_optimizer, optimizer_step
+from cxrtune.engine.prefetch import device_batches
+from cxrtune.engine.train import build_optimizer, optimizer_step
 from cxrtune.errors import DataError
 from cxrtune.methods import Progress, build_method
 from cxrtune.models.backbone import build_backbone
@@ -46,17 +48,19 @@ def step_seconds(config: PretrainConfig, images: np.ndarray, rows: np.ndarray, *
     per_epoch = len(rows) // t.batch_size
     times = []
     method.train()
-    for i in range(warmup + steps):
-        batch_rows = order[(i % per_epoch) * t.batch_size:((i % per_epoch) + 1) * t.batch_size]
-        where = Progress(epoch=0, step=i, steps_per_epoch=per_epoch, epochs=t.epochs)
-        start = time.perf_counter()
-        batch = _fetch(images, batch_rows, device)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss = method.training_loss(batch, augment, where)["loss"]
-        optimizer_step(method, optimizer, loss, where, config.optim.clip_grad_norm)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
+    batch_rows = (order[(i % per_epoch) * t.batch_size:((i % per_epoch) + 1) * t.batch_size]
+                  for i in range(warmup + steps))
+    with contextlib.closing(device_batches(images, batch_rows, device, t.prefetch)) as batches:  # as the loop gets them
+        for i in range(warmup + steps):
+            where = Progress(epoch=0, step=i, steps_per_epoch=per_epoch, epochs=t.epochs)
+            start = time.perf_counter()
+            batch = next(batches)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss = method.training_loss(batch, augment, where)["loss"]
+            optimizer_step(method, optimizer, loss, where, config.optim.clip_grad_norm)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
     per_step = statistics.median(times)
     return per_step, max(0.0, time.perf_counter() - begun - sum(times) - warmup * per_step)

@@ -103,7 +103,7 @@ _RECORDED = {
     "eval_options": ("eval_option", sorted), "set": ("set", sorted), "seed": ("seed", None),
     "num_samples": ("num_samples", None), "audit_fraction": ("audit_fraction", None),
     "budget_hours": ("budget_hours", None), "grace_period": ("grace_period", None),
-    "reduction_factor": ("reduction_factor", None),
+    "reduction_factor": ("reduction_factor", None), "cache_size": ("cache_size", None),
 }
 
 

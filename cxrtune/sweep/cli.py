@@ -56,6 +56,9 @@ def build_parser(sweep: PretrainSweep) -> argparse.ArgumentParser:
     add_common_arguments(parser, sweep.name)
     add_eval_source_arguments(parser)
     parser.add_argument("--num-samples", type=positive_int, default=None, help="trials to run (default: the profile's)")
+    parser.add_argument("--cache-size", type=positive_int, default=None, metavar="PX",
+                        help="side of the image cache the trials read (default: the profile's: 32 for smoke, 64 for "
+                             "default and cpu, 256 for l4 and study); e.g. 256 to train a smoke sweep at 224 px")
     parser.add_argument("--seed", type=int, default=None, help="seed of the Optuna sampler (default: 0)")
     parser.add_argument("--time-budget", type=positive_float, default=None, metavar="MINUTES",
                         help="stop starting trials after this many minutes (running ones are stopped too)")
@@ -181,7 +184,7 @@ def _run_open(sweep: PretrainSweep, args: argparse.Namespace, opened) -> int:
     space = searched_space(sweep, resolved, sets)
     print(f"sweep {name}: profile {args.profile} ({profile.note})")
     probe = resolved.probe
-    data = prepare_data(args, profile.cache_size, profile.phantom,
+    data = prepare_data(args, args.cache_size or profile.cache_size, profile.phantom,
                         EpisodePlan(tuple(probe.shots), probe.trials, probe.test_negatives), folder)
     print(data.describe())
     # The data reaches the trials through tune.with_parameters, not the param space: it is neither

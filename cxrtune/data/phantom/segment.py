@@ -107,7 +107,6 @@ def segment(ct: CTVolume) -> dict[str, np.ndarray]:
     y_mid = np.median(ys)
     xx = np.arange(hu.shape[0])[:, None, None]
     yy = np.arange(hu.shape[1])[None, :, None]
-    zz = np.arange(hu.shape[2])[None, None, :]
     spine = bone & (np.abs(xx - x_mid) * sx < 28) & (yy < y_mid)
     other_bone = bone & ~spine
     # Contrast-filled vessels in the mediastinum can pass the bone test: drop bone that lies
