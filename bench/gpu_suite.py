@@ -17,6 +17,9 @@ Sections (``--sections``, all by default), each written to ``OUT/gpu_suite.json`
   path) and through the prefetcher; and ``bench/prefetch_overlap.py``'s synthetic comparison.
 - ``precision``: 20 steps of every method from one seed in fp32 (TF32 off) and bf16 autocast on
   the same batches; the largest relative difference of the losses against a stated tolerance.
+- ``syncs``: two training steps of every method under ``torch.cuda.set_sync_debug_mode("error")``
+  (after a warm step): a step that makes the host wait for the GPU fails there, naming the op
+  (CUDA only; the training loop itself reads the loss every ``train.loss_check_every`` steps).
 - ``profile``: torch.profiler over five MoCo steps; the top kernels by device time in
   ``OUT/profile_moco.txt`` (and the JSON).
 - ``sweep``: ``sweeps/moco_variance.py`` for two epochs, one trial on the phantom (224 px from a
@@ -55,7 +58,7 @@ from cxrtune.models.backbone import Backbone, build_backbone  # noqa: E402
 from cxrtune.profiles import smoke, study  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("throughput", "pipeline", "precision", "profile", "sweep")
+SECTIONS = ("throughput", "pipeline", "precision", "syncs", "profile", "sweep")
 #: bf16 vs fp32: every one of the 20 losses within this relative difference
 PRECISION_TOLERANCE = 0.02
 #: MoCo v2 ResNet50 at 224 px, bf16: the MFU asked for, and the input pipeline's largest share
@@ -203,6 +206,32 @@ class Suite:
             print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("fp32", "bf16")}), flush=True)
         return {"tolerance": PRECISION_TOLERANCE, "rows": rows}
 
+    def syncs(self) -> dict:
+        if self.device.type != "cuda":
+            return {"applicable": False, "why": "sync debug mode is CUDA's"}
+        rows = []
+        for method in self.args.methods:
+            config = self.config(method)
+            step = _training_step(method, config, self.device)
+            side = _cache_side(config)
+            images = torch.randint(0, 256, (config.train.batch_size, side, side), dtype=torch.uint8,
+                                   device=self.device)
+            step(images)
+            torch.cuda.synchronize(self.device)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                step(images)
+                step(images)
+                rows.append({"method": method, "host_syncs": "none"})
+            except RuntimeError as exc:
+                rows.append({"method": method, "host_syncs": str(exc).splitlines()[0][:300]})
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            torch.cuda.synchronize(self.device)
+            del step, images
+            torch.cuda.empty_cache()
+        return {"applicable": True, "rows": rows}
+
     def profile(self) -> dict:
         from torch.profiler import ProfilerActivity, profile
 
@@ -237,7 +266,9 @@ class Suite:
         command = [sys.executable, str(ROOT / "sweeps" / "moco_variance.py"), "--profile", "smoke",
                    "--name", name, "--storage", str(storage), "--tracking-uri", f"sqlite:///{self.out / 'mlflow.db'}",
                    "--num-samples", "1", "--no-report", "--set", "train.epochs=2", "--set", "train.checkpoint_every=1"]
-        if not self.tiny:
+        if self.tiny:
+            command += ["--cache-size", "36"]  # 32 px views, as the profile's, from a cache an eighth larger
+        else:
             command += ["--cache-size", "256", "--set", "train.image_size=224", "--set", "probe.input_size=224",
                         "--set", "model.arch=resnet50", "--set", "train.batch_size=32"]
         if self.device.type == "cuda":
@@ -384,6 +415,12 @@ def markdown(report: dict) -> str:
             for r in result["rows"]:
                 lines.append(f"| {r['method']} | {r['fp32'][0]} | {r['bf16'][0]} | {r['first_rel_diff']} | "
                              f"{r['max_rel_diff']} | {'yes' if r['within_tolerance'] else 'NO'} |")
+        elif name == "syncs":
+            if not result["applicable"]:
+                lines += [f"Not applicable: {result['why']}."]
+            else:
+                lines += ["| method | host syncs in a training step |", "|---|---|"]
+                lines += [f"| {r['method']} | {r['host_syncs']} |" for r in result["rows"]]
         elif name == "profile":
             lines += [f"Top by {result['sorted_by']} (whole table: {result['file']}):", "",
                       "| kernel / op | self ms | share | calls |", "|---|---|---|---|"]

@@ -12,6 +12,11 @@ with BatchNorm on the monitor set's own statistics. The study-style ``feature_st
 network that is changing fast: in the first epochs of a run they read like collapse (rank near 1,
 cosine near 1) when nothing has collapsed. So the rank and cosine checks are off by default and
 the std check waits ``grace_epochs``.
+
+DINO collapses another way: to a uniform output (every image the same flat distribution over the
+prototypes, the loss at about ln(out_dim), as in the study's run). Its loss reports the teacher's
+entropy over ln(out_dim) (``teacher_entropy_ratio``), and a ratio at ``max_uniform_ratio`` or
+above after the grace epochs marks the trial collapsed.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ class HealthConfig(Config):
     min_effective_rank: float = param(0.0, low=0.0, doc="collapsed below this effective rank (0 = off)")
     max_mean_cosine: float = param(1.0, low=0.0, high=1.0, doc="collapsed above this mean pairwise cosine (1 = off)")
     grace_epochs: int = param(2, low=0, doc="epochs before the checks apply (eval-mode monitors lag early on)")
+    max_uniform_ratio: float = param(0.98, low=0.0, high=1.0,
+                                     doc="collapsed when a method's output is this close to uniform: DINO's teacher "
+                                         "entropy over ln(out_dim), an epoch's mean (1 = off)")
 
 
 def collapse_reason(metrics: Mapping[str, Any], config: HealthConfig, epoch: int) -> str | None:
@@ -46,6 +54,13 @@ def collapse_reason(metrics: Mapping[str, Any], config: HealthConfig, epoch: int
         return f"effective_rank {rank:.4g} < {config.min_effective_rank:g}"
     if cosine is not None and config.max_mean_cosine < 1 and cosine > config.max_mean_cosine:
         return f"mean_cosine {cosine:.4g} > {config.max_mean_cosine:g}"
+    uniform = metrics.get("teacher_entropy_ratio")
+    if uniform is not None and config.max_uniform_ratio < 1 and (not math.isfinite(uniform)
+                                                                 or uniform >= config.max_uniform_ratio):
+        loss = metrics.get("loss_uniform_ratio")
+        also = f"; the loss is {loss:.3f} ln(out_dim)" if loss is not None else ""
+        return (f"uniform output: teacher entropy {uniform:.3f} ln(out_dim) >= {config.max_uniform_ratio:g}{also} "
+                "(every image gets the same flat distribution)")
     return None
 
 

@@ -36,9 +36,9 @@ def suite_run(tmp_path_factory):
 def test_every_section_ran_and_wrote_its_figures(suite_run):
     out, code, report, md = suite_run
     assert code == 0
-    assert list(report["sections"]) == ["throughput", "pipeline", "precision", "profile", "sweep"]
+    assert list(report["sections"]) == ["throughput", "pipeline", "precision", "syncs", "profile", "sweep"]
     assert not [name for name, r in report["sections"].items() if "error" in r]
-    for heading in ("## throughput", "## pipeline", "## precision", "## profile", "## sweep", "TOY SIZES"):
+    for heading in ("## throughput", "## pipeline", "## precision", "## syncs", "## profile", "## sweep", "TOY SIZES"):
         assert heading in md
 
 
@@ -82,6 +82,7 @@ def test_profile_and_sweep_leave_their_files(suite_run):
     state = torch.load(out / "export" / "backbone.pt", weights_only=True)
     assert "conv1.weight" in state
     assert "and it loads" in md
+    assert "502 cached images at 36 px" in (out / "sweep.log").read_text()  # --cache-size 36
 
 
 def test_bad_arguments_are_refused_by_name(tmp_path, capsys):

@@ -1,3 +1,5 @@
+import pytest
+
 from cxrtune.health import HealthConfig, collapse_reason
 
 
@@ -24,3 +26,40 @@ def test_defaults_only_check_the_train_mode_std():
     early_artefact = {"feature_std": 200.0, "feature_std_batch": 1.1, "effective_rank": 1.2, "mean_cosine": 0.99998}
     assert collapse_reason(early_artefact, cfg, epoch=3) is None
     assert "feature_std 0.001" in collapse_reason({**early_artefact, "feature_std_batch": 0.001}, cfg, epoch=3)
+
+
+def test_a_uniform_output_dino_is_marked_collapsed_by_the_engine_metrics(tmp_path):
+    """DINO with a head that gives every image the same output: the engine's epoch metrics carry a
+    teacher entropy of ln(out_dim), and the guard names the uniform collapse after the grace period."""
+    import torch
+
+    from cxrtune.engine import pretrain
+    from cxrtune.profiles import smoke
+    from tests._engine_fixtures import blob_images
+
+    class Uniform(torch.nn.Module):
+        def __init__(self, head):
+            super().__init__()
+            self.head = head
+            self.last_layer = head.last_layer  # what DINO's freezing hook reaches for
+
+        def forward(self, x):
+            return self.head(x) * 0.0  # every image: the same (flat) logits, still a function of the weights
+
+    import cxrtune.methods.dino as dino
+
+    real = dino.DinoHead
+    config = smoke("dino").override({"train.epochs": 2, "train.batch_size": 8, "train.monitor_images": 8})
+    try:
+        dino.DinoHead = lambda *a, **k: Uniform(real(*a, **k))
+        result = pretrain(config, blob_images(16, 40), tmp_path / "run")
+    finally:
+        dino.DinoHead = real
+    last = result.metrics[-1]
+    assert last["teacher_entropy_ratio"] == pytest.approx(1.0, abs=1e-5)
+    reason = collapse_reason(last, HealthConfig(), epoch=2)
+    assert reason is not None and reason.startswith("uniform output: teacher entropy 1.000 ln(out_dim) >= 0.98")
+    assert collapse_reason(last, HealthConfig(), epoch=1) is None  # the grace period
+    assert collapse_reason(last, HealthConfig(max_uniform_ratio=1.0), epoch=2) is None  # 1 = off
+    # a healthy ratio, as a sharpened teacher that separates images gives, passes
+    assert collapse_reason({**last, "teacher_entropy_ratio": 0.6}, HealthConfig(), epoch=2) is None

@@ -61,3 +61,25 @@ def test_center_update_and_module_moves_centre():
     module.eval()
     module(teachers, teachers, 0.04)
     assert torch.allclose(module.center, want)  # evaluation does not move the centre
+
+
+def test_teacher_entropy_is_that_of_the_centred_sharpened_distribution():
+    from cxrtune.losses.dino import teacher_entropy
+
+    g = torch.Generator().manual_seed(3)
+    teachers = [torch.randn(4, 6, generator=g, dtype=torch.float64) for _ in range(2)]
+    center = torch.randn(6, generator=g, dtype=torch.float64) * 0.1
+    want = []
+    for t in teachers:
+        for row in t.tolist():
+            z = [(v - c) / 0.04 for v, c in zip(row, center.tolist())]
+            top = max(z)
+            e = [math.exp(v - top) for v in z]
+            p = [v / sum(e) for v in e]
+            want.append(-sum(q * math.log(q) for q in p if q > 0))
+    assert teacher_entropy(teachers, center, 0.04).item() == pytest.approx(sum(want) / len(want), rel=1e-6)  # float32
+    # a uniform teacher is the maximum, ln K: the loss module reports it as a ratio of 1
+    flat = [torch.zeros(4, 256), torch.zeros(4, 256)]
+    out = DinoLoss(256)(flat, flat, 0.04)
+    assert out["teacher_entropy_ratio"].item() == pytest.approx(1.0, abs=1e-6)
+    assert out["loss_uniform_ratio"].item() == pytest.approx(1.0, abs=1e-6)
