@@ -11,6 +11,8 @@
         trials.csv                             the driver's table of trials, at the end
         audit.json                             trials ASHA stopped that ran on (--audit-fraction)
         plan.json, budget.json                 the budget's plan and its clock (--budget-hours)
+        packing.json                           trials per device and what they were sized from
+                                               (few-shot sweeps, cxrtune.packing)
         results.parquet                        the tidy few-shot table (few-shot sweeps)
         export/                                the exported best backbone (cxrtune.export)
         report/                                the HTML report (cxrtune.analysis)
@@ -54,6 +56,7 @@ TRIALS_TABLE = "trials.csv"
 AUDIT_FILE = "audit.json"
 PLAN_FILE = "plan.json"
 BUDGET_FILE = "budget.json"
+PACKING_FILE = "packing.json"
 RESULTS_TABLE = "results.parquet"
 EXPORT_DIR = "export"
 REPORT_DIR = "report"

@@ -239,7 +239,18 @@ def test_compare_methods_evaluates_the_exported_best_against_random_init(workdir
     # every backbone saw the same episodes: the tables pair up row for row
     keys = table.groupby(["backbone", "evaluator"]).apply(lambda g: tuple(sorted(zip(g.disease, g.shots, g.trial))))
     assert keys.nunique() == 1
-    assert "paired over diseases vs random-resnet18" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "paired over diseases vs random-resnet18" in out
+    # packed by measured memory and the cores (no GPU here, no --cpu given): printed and logged
+    packing = next(line for line in out.splitlines() if line.startswith("packing: "))
+    assert packing.startswith("packing: finetune trials need ") and "CPU each" in packing, packing
+    client = mlflow.tracking.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("cxrtune/compare_methods")
+    [parent] = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("cxrtune.role") == "sweep"]
+    params = parent.data.params
+    assert params["packing.device"] == "cpu" and params["packing.sizing_kind"] == "finetune"
+    assert float(params["packing.peak_mib.finetune"]) > 0 and float(params["packing.peak_mib.probe"]) > 0
+    assert parent.data.tags["cxrtune.packing"] == packing.removeprefix("packing: ")
 
 
 def test_imagenet_baseline_without_local_weights_fails_with_the_file_to_fetch(workdir, smoke_sweep, capsys):

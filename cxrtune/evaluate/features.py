@@ -11,7 +11,12 @@ describing it). The key is a hash of everything that determines the numbers:
 * the preprocessing (crop fraction, input size, mean, std) and the extraction precision;
 * the set of rows.
 
-Files are written to a temporary name and renamed, so a crash never leaves a half-written entry.
+Files are written to a temporary name and renamed, so a crash never leaves a half-written entry;
+an entry that cannot be read back whole (a truncated or foreign file, a description that does not
+match) is extracted again and overwritten, never trusted. Extraction of one key holds a file lock
+(:mod:`filelock`, ``<cache_root>/features-locks/<key>.lock``): trials that evaluate the same
+backbone at once (a grid of evaluators packed on one card) extract it once; the others wait for
+the lock and read the entry.
 """
 
 from __future__ import annotations
@@ -21,21 +26,30 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-
-from cxrtune.device import resolve_device
+from filelock import FileLock
 
 from cxrtune.config import Config, param
 from cxrtune.data.cache import cache_root  # $CXRTUNE_CACHE or ~/.cache/cxrtune
+from cxrtune.device import resolve_device
 from cxrtune.errors import DataError
 from cxrtune.evaluate.preprocess import PreprocessConfig, preprocess
-from cxrtune.models.backbone import ARCHS, Backbone, CheckpointError, build_backbone, load_backbone
+from cxrtune.models.backbone import (
+    ARCHS,
+    Backbone,
+    CheckpointError,
+    build_backbone,
+    load_backbone,
+)
 
 FEATURE_FORMAT = "cxrtune-features-v1"
+#: seconds a trial waits for another's extraction of the same features before giving up
+_LOCK_TIMEOUT_S = 24 * 3600
 
 
 class FeatureError(DataError):
@@ -230,15 +244,40 @@ def cached_features(spec: BackboneSpec, images: Any, rows: Sequence[int],
     key = feature_key(spec.identity(), images_identity(images), preprocessing, config.precision, unique)
     folder = Path(root).expanduser() if root is not None else cache_root()
     npy, meta_path = folder / "features" / f"{key}.npy", folder / "features" / f"{key}.json"
-    if npy.is_file() and meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text())
-            feats = np.load(npy, mmap_mode=None)
-            if feats.shape == (unique.size, meta["dim"]):
-                meta["cached"] = True
-                return unique, feats, meta
-        except (OSError, ValueError, KeyError):
-            pass  # unreadable entry: recompute and overwrite it
+    found = _read_entry(npy, meta_path, key, unique.size)
+    if found is not None:
+        return (unique, *found)
+    # One extraction per key at a time: a trial that finds the lock held waits, then reads what the
+    # holder wrote (extraction takes seconds to minutes; a day-long wait means a stuck holder). Lock
+    # files stay (removing a flock file races with its next taker), beside the entries, not among them.
+    locks = folder / "features-locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(locks / f"{key}.lock"), timeout=_LOCK_TIMEOUT_S, is_singleton=False):
+        found = _read_entry(npy, meta_path, key, unique.size)
+        if found is not None:
+            return (unique, *found)
+        return unique, *_extract_entry(spec, images, unique, preprocessing, config, backbone, key, npy, meta_path)
+
+
+def _read_entry(npy: Path, meta_path: Path, key: str, rows: int) -> tuple[np.ndarray, dict] | None:
+    """The features and description of a cache entry, or None when it is missing or not whole (a
+    partial, truncated or foreign file is never trusted: the caller extracts it again)."""
+    if not (npy.is_file() and meta_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        feats = np.load(npy, mmap_mode=None, allow_pickle=False)
+        if meta.get("key") == key and feats.dtype == np.float32 and feats.shape == (rows, meta["dim"]):
+            meta["cached"] = True
+            return feats, meta
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError):
+        pass  # unreadable entry: recompute and overwrite it
+    return None
+
+
+def _extract_entry(spec: BackboneSpec, images: Any, unique: np.ndarray, preprocessing: PreprocessConfig,
+                   config: ExtractConfig, backbone: Backbone | None, key: str, npy: Path,
+                   meta_path: Path) -> tuple[np.ndarray, dict]:
     model = backbone if backbone is not None else spec.build()
     feats = extract_features(model, images, unique, preprocessing, config, what=spec.label())
     meta = {
@@ -252,7 +291,11 @@ def cached_features(spec: BackboneSpec, images: Any, rows: Sequence[int],
         "rows": int(unique.size),
         "dim": int(feats.shape[1]),
     }
-    _atomic_write(npy, lambda tmp: np.save(open(tmp, "wb"), feats))
+    def write_features(tmp: str) -> None:
+        with open(tmp, "wb") as handle:  # a file object: np.save would add ".npy" to a name
+            np.save(handle, feats)
+
+    _atomic_write(npy, write_features)
     _atomic_write(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
     meta["cached"] = False
-    return unique, feats, meta
+    return feats, meta

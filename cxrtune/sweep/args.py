@@ -52,8 +52,9 @@ def positive_float(text: str) -> float:
     return value
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, default_name: str) -> None:
-    """Data, profile, sweep folder, cluster, tracking, resume, ``--set`` and ``--print-config``."""
+def add_common_arguments(parser: argparse.ArgumentParser, default_name: str, gpu_help: str | None = None) -> None:
+    """Data, profile, sweep folder, cluster, tracking, resume, ``--set`` and ``--print-config``
+    (``gpu_help``: the sweep's own text for ``--gpu``'s default)."""
     from cxrtune.sweep.runner import DEFAULT_STORAGE
 
     parser.add_argument("--profile", default=None, choices=tuple(PROFILES), help="budget and scale (default: default)")
@@ -71,7 +72,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_name: str) -> 
                              "profile and --set values it was created with")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="fix a config key, e.g. train.epochs=5")
     parser.add_argument("--gpu", type=positive_float, default=None,
-                        help="GPU share per trial (default: the profile's); refused on a cluster without GPUs")
+                        help=gpu_help or "GPU share per trial (default: the profile's); refused on a cluster without GPUs")
     parser.add_argument("--cpus", type=positive_int, default=None, help="CPUs Ray may use on this machine (default: all)")
     parser.add_argument("--max-concurrent", type=positive_int, default=None,
                         help="trials at once (default: the profile's, or as resources allow)")

@@ -1,10 +1,14 @@
 """Few-shot grids as sweeps: every (backbone x evaluator) is one small Tune trial.
 
 Trials are small (a probe grid on cached features, or finetuning on a handful of images), so many
-pack onto one GPU with fractional resources (``--gpu 0.25`` runs four at once); on a CPU-only
-machine the same sweep runs on CPU fractions. All trials share one image cache and one episodes
-file, so their tables pair up episode by episode; the driver merges them into the study's table
-(mean AUROC by shots, paired t-test and Wilcoxon p-values against each baseline).
+pack onto one GPU with fractional resources. Before Ray starts, the driver measures one trial of
+each evaluator in a short dry run and sizes the share per trial from its peak memory
+(:mod:`cxrtune.sweep.packing`; ``--gpu 0.25`` overrides it and runs four at once); on a CPU-only
+machine the same sweep is packed by memory and cores. Trials that evaluate the same backbone share
+its features through the on-disk feature cache, so a grid of evaluators extracts each backbone
+once. All trials share one image cache and one episodes file, so their tables pair up episode by
+episode; the driver merges them into the study's table (mean AUROC by shots, paired t-test and
+Wilcoxon p-values against each baseline).
 """
 
 from __future__ import annotations
@@ -19,9 +23,17 @@ import pandas as pd
 
 from cxrtune.errors import CxrtuneError
 from cxrtune.profiles import get_profile, profile_notes
+from cxrtune.sweep.args import (
+    add_common_arguments,
+    apply_record,
+    parse_sets,
+    positive_float,
+    run_command,
+    sweep_record,
+    with_defaults,
+)
+from cxrtune.sweep.packing import add_packing_arguments
 from cxrtune.sweepfolder import BACKBONE_FILE, RESULTS_TABLE, SweepFolder
-from cxrtune.sweep.args import (add_common_arguments, apply_record, parse_sets, positive_float, run_command,
-                                sweep_record, with_defaults)
 
 #: what a few-shot sweep records (and a resume checks)
 RECORDED = ("profile", "source", "root", "options", "set")
@@ -48,8 +60,12 @@ def build_parser(sweep: FewshotSweep) -> argparse.ArgumentParser:
     parser.add_argument("--imagenet-weights", action="append", default=[], metavar="ARCH=PATH",
                         help="local torchvision weights per architecture, e.g. resnet18=resnet18-f37072fd.pth")
     parser.add_argument("--evaluators", default=",".join(sweep.evaluators), help="probe, knn and/or finetune")
-    parser.add_argument("--cpu", type=positive_float, default=1.0, help="CPU share per trial")
-    add_common_arguments(parser, sweep.name)
+    parser.add_argument("--cpu", type=positive_float, default=None,
+                        help="CPU share per trial (default: packed by --pack auto; 1 with --pack off)")
+    add_common_arguments(parser, sweep.name,
+                         gpu_help="GPU share per trial, e.g. 0.25 for four per GPU (default: planned from a measured "
+                                  "trial by --pack auto when this machine has a GPU); refused on a cluster without GPUs")
+    add_packing_arguments(parser)
     return parser
 
 
@@ -78,7 +94,12 @@ def _imagenet_weights(pairs: list[str]) -> dict[str, str]:
 
 def backbones_to_evaluate(args: argparse.Namespace) -> list[dict[str, Any]]:
     """One entry per backbone: {label, init, arch, weights}."""
-    from cxrtune.models.backbone import CheckpointError, load_backbone, load_torchvision_weights, Backbone
+    from cxrtune.models.backbone import (
+        Backbone,
+        CheckpointError,
+        load_backbone,
+        load_torchvision_weights,
+    )
 
     checkpoints = [Path(c).resolve() for c in args.checkpoint]
     for name in (args.from_sweeps or "").split(","):
@@ -145,8 +166,10 @@ def _run_open(sweep: FewshotSweep, args: argparse.Namespace, opened) -> int:
     from ray import tune
 
     from cxrtune.sweep.data import EpisodePlan, prepare_data
+    from cxrtune.sweep.packing import plan_packing, write_plan
     from cxrtune.sweep.runner import SweepSpec, run_sweep
     from cxrtune.sweep.summary import write_report
+    from cxrtune.sweepfolder import PACKING_FILE
     from cxrtune.trainables.fewshot import fewshot_trainable
 
     profile = get_profile(args.profile)
@@ -165,19 +188,22 @@ def _run_open(sweep: FewshotSweep, args: argparse.Namespace, opened) -> int:
              "label": e["label"], "eval.evaluators": [ev]} for e in entries for ev in evaluators]
     configured = {k: v for k, v in resolved.flat.items() if k not in _DRIVER_KEYS and k != "eval.evaluators"}
     param_space = {"case": tune.grid_search(grid), **configured}
-    resources = {"cpu": args.cpu}
-    if args.gpu:
-        resources["gpu"] = args.gpu
+    packing = plan_packing(args, resolved.flat, sorted({e["arch"] for e in entries}), evaluators, cache.path,
+                           episodes_path)
+    print(packing.line())
+    write_plan(packing, folder / PACKING_FILE)
     inputs = {"trial.cache": str(cache.path), "trial.episodes": str(episodes_path)}  # data, not params
     from cxrtune import sweepstate
 
     sweepstate.write_inputs(folder, inputs)
-    spec = SweepSpec(name=name, trainable=tune.with_parameters(fewshot_trainable, inputs=inputs),
-                     param_space=param_space, metric="mean_auroc",
+    trainable = tune.with_parameters(fewshot_trainable, inputs=inputs, packing=packing.trial_info())
+    spec = SweepSpec(name=name, trainable=trainable, param_space=param_space, metric="mean_auroc",
                      mode="max", num_samples=1,
                      max_concurrent=args.max_concurrent if args.max_concurrent is not None else len(grid),
-                     resources=resources, search="grid", asha=False,
-                     tags={"cxrtune.kind": "fewshot", "cxrtune.source": source.name}, console_keys=())
+                     resources=packing.resources, search="grid", asha=False, require_gpu=bool(args.gpu),
+                     tags={"cxrtune.kind": "fewshot", "cxrtune.source": source.name,
+                           "cxrtune.packing": packing.explanation},
+                     params=packing.mlflow_params(), console_keys=())
     results = run_sweep(spec, storage=args.storage, address=args.address, num_cpus=args.cpus,
                         verbose=1 if args.verbose else 0, opened=opened)
     table = collect_results(results)
