@@ -146,7 +146,7 @@ class Suite:
 
     def reserve(self) -> float:
         """Seconds kept for the sections after throughput (they are short; the sweep is not)."""
-        return 0 if self.tiny else 150
+        return 0 if self.tiny else 240
 
     def pipeline(self) -> dict:
         method = "moco"
