@@ -95,6 +95,14 @@ def search_section(sweep: SweepFolder, config: ReportConfig) -> Section:
             f"(random init on the same episodes: {fmt(float(best['random_init']))})"
             + ("; trials of the pruning audit are left out of the selection." if len(selectable) < len(scored)
                else ".")))
+        held_out = _report_comparison(sweep.folder)
+        if held_out is not None:
+            blocks.append(Paragraph(
+                f"The winner chosen on the validation episodes, reported on {held_out['episodes']} report episodes "
+                f"(test images of other patients, never used for selection): {fmt(held_out['best'])} vs random init "
+                f"{fmt(held_out['random'])}, difference {held_out['difference']:+.3f}, 95% CI "
+                f"[{held_out['ci_low']:+.3f}, {held_out['ci_high']:+.3f}] over {held_out['diseases']} findings. "
+                "The figures above are on the validation episodes, which the selection has seen."))
     if not scored.empty:
         blocks.append(figure("search_progress", figures.search_progress(trials, sweep.objective), "search progress"))
     blocks += _importance_blocks(sweep.study, config.importance_min_trials)
@@ -103,6 +111,19 @@ def search_section(sweep: SweepFolder, config: ReportConfig) -> Section:
                                                                                 sweep.objective),
                              "objective against each searched parameter"))
     return Section("search", "Search", blocks)
+
+
+def _report_comparison(folder) -> dict | None:
+    """The winner on the report episodes (``report_comparison.json``, written when the sweep ended)."""
+    import json
+
+    from cxrtune.sweepfolder import REPORT_COMPARISON
+
+    path = folder / REPORT_COMPARISON
+    try:
+        return json.loads(path.read_text()).get("report") if path.is_file() else None
+    except (OSError, ValueError):
+        return None
 
 
 def _trials_table(sweep: SweepFolder) -> pd.DataFrame:

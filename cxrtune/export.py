@@ -43,7 +43,8 @@ import torch
 
 from cxrtune.errors import CxrtuneError
 from cxrtune.models.backbone import adapt_first_conv, load_backbone
-from cxrtune.sweepfolder import (BACKBONE_FILE, EPISODES_FILE, EXPORT_DIR, OPTUNA_FILE, RESULTS_TABLE, TRIALS_TABLE,
+from cxrtune.sweepfolder import (BACKBONE_FILE, EPISODES_FILE, EXPORT_DIR, OPTUNA_FILE, REPORT_COMPARISON,
+                                 RESULTS_TABLE, TRIALS_TABLE,
                                  Checkpoint, SweepFolder)
 from cxrtune.tune_files import TUNER_FILE, read_results, trial_dirs
 #: Written into every export; only a folder holding it (or a pre-marker export, below) is replaced by ``force``.
@@ -163,8 +164,11 @@ def export_best(sweep_folder: str | Path, metric: str, mode: str = "max", out: s
         metrics = {"selected_by": {"metric": metric, "mode": mode, "value": best.report[metric]},
                    "selected_report": _plain(best.report), "final_report": _plain(final),
                    "trial_id": best.trial_id, "checkpoint": str(best.folder), "include_audit": include_audit}
+        against = _against_random_init(sweep_folder, best, metric)
+        if against is not None:
+            metrics["against_random_init"] = against
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str))
-        (tmp / "MODEL_CARD.md").write_text(model_card(best, arch, metric, channels))
+        (tmp / "MODEL_CARD.md").write_text(model_card(best, arch, metric, channels, against))
         (tmp / MARKER_FILE).write_text(json.dumps(_marker(sweep_folder, best, metric, mode, arch, channels),
                                                   indent=2, sort_keys=True, default=str))
         # Checked again: the folder may have changed while the checkpoint was read.
@@ -204,11 +208,28 @@ def _swap_in(tmp: Path, out: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
+def _against_random_init(sweep_folder: Path, best: Checkpoint, metric: str) -> dict[str, Any] | None:
+    """The sweep's comparisons of this checkpoint's trial with random init (``report_comparison.json``,
+    written when the sweep ended), when they are of this trial and this metric's shot count."""
+    path = sweep_folder / REPORT_COMPARISON
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    report = saved.get("report") or {}
+    if report.get("trial_id") != best.trial_id or saved.get("metric", metric) != metric:
+        return None
+    return saved
+
+
 def _plain(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k != "config"}
 
 
-def model_card(best: Checkpoint, arch: str, metric: str, channels: int) -> str:
+def model_card(best: Checkpoint, arch: str, metric: str, channels: int,
+               against: dict[str, Any] | None = None) -> str:
     config = best.config
     method = config.get("method", "unknown")
     lines = [
@@ -227,6 +248,15 @@ def model_card(best: Checkpoint, arch: str, metric: str, channels: int) -> str:
         "|---|---|",
     ]
     lines += [f"| `{k}` | `{v}` |" for k, v in sorted(config.items())]
+    if against is not None:
+        lines += ["", "## Against random init", "", "| episodes | this backbone | random init | difference (95 % CI) | findings |",
+                  "|---|---|---|---|---|"]
+        for name, label in (("validation", "validation: the backbone was chosen on these (selection inflates it)"),
+                            ("report", "report: other patients' test images, never used for selection")):
+            c = against.get(name)
+            if c:
+                lines.append(f"| {label} | {c['best']:.3f} | {c['random']:.3f} | {c['difference']:+.3f} "
+                             f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] | {c['diseases']} |")
     lines += ["", "## Metrics at the selected checkpoint", "", "| metric | value |", "|---|---|"]
     for key, value in sorted(best.report.items()):
         if isinstance(value, float) and not isinstance(value, bool):

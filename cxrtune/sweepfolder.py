@@ -50,6 +50,12 @@ LOCK_FILE = ".driver.lock"
 HOLDER_FILE = "driver.json"
 INPUTS_FILE = "inputs.json"
 EPISODES_FILE = "episodes.parquet"
+#: episodes whose test images are patient-disjoint from the validation ones: the winner is reported there
+REPORT_EPISODES_FILE = "report_episodes.parquet"
+#: the winner and random init on the report episodes (the driver's end-of-sweep evaluation)
+REPORT_RESULTS = "report_results.parquet"
+#: both comparisons of the winner with random init: on the validation and on the report episodes
+REPORT_COMPARISON = "report_comparison.json"
 OPTUNA_FILE = "optuna.db"
 CONSOLE_LOG = "ray-console.log"
 TRIALS_TABLE = "trials.csv"

@@ -131,6 +131,18 @@ class ProbeJudge:
         return metrics, table
 
 
+def judge_on_episodes(flat: Mapping[str, Any], backbone_file: str | Path, cache: ImageCache,
+                      episodes: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A trial's backbone and the random init it started from, probed as the trial's in-loop judge
+    does (its ``probe.*`` settings) on other ``episodes``: the sweep's report episodes, on which
+    the winner chosen on the validation episodes is reported. Returns (backbone, random init)."""
+    resolved = pretrain_trial(flat)
+    judge = ProbeJudge(cache, episodes, resolved.probe, _device(resolved.pretrain))
+    _, trained = judge(load_backbone(backbone_file))
+    _, initial = judge.initial(resolved.pretrain)
+    return trained, initial
+
+
 def _device(config: PretrainConfig) -> str:
     return str(resolve_device(config.train.device, "train.device"))
 

@@ -80,7 +80,8 @@ def killed_and_resumed(tmp_path_factory):
             proc.wait()
         before = {"finished_results": (finished / "result.json").read_text(),
                   "finished_engine": engine_metrics(finished),
-                  "running_results": results_of(running), "running_engine": engine_metrics(running)}
+                  "running_results": results_of(running), "running_engine": engine_metrics(running),
+                  "episodes": [(folder / name).read_bytes() for name in ("episodes.parquet", "report_episodes.parquet")]}
         resumed = subprocess.run(_command(tmp, archive["root"], "--resume"), env=env, cwd=tmp,
                                  capture_output=True, text=True, timeout=240)
         in_ray_tmp = sorted(str(p.relative_to(ray_tmp)) for p in Path(ray_tmp).rglob("*.pt"))
@@ -104,6 +105,13 @@ def test_the_resumed_sweep_finishes_and_prints_its_summary(killed_and_resumed):
     assert not list(killed_and_resumed["folder"].glob("pretrain_trainable_*/work/ckpt-*"))
     assert killed_and_resumed["in_ray_tmp"] == []
     assert all((t / "trial.log").is_file() for t in (killed_and_resumed["finished"], killed_and_resumed["running"]))
+
+
+def test_the_resume_reads_back_the_validation_and_report_episodes_it_sampled(killed_and_resumed):
+    folder, before = killed_and_resumed["folder"], killed_and_resumed["before"]
+    after = [(folder / name).read_bytes() for name in ("episodes.parquet", "report_episodes.parquet")]
+    assert after == before["episodes"]
+    assert "report episodes (test images of other patients" in killed_and_resumed["resumed"].stdout
 
 
 def test_the_interrupted_trial_continues_from_its_checkpoint(killed_and_resumed):

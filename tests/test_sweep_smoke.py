@@ -161,6 +161,38 @@ def test_smoke_sweep_exports_a_backbone_that_loads_into_torchvision(smoke_sweep)
     assert (folder / "trials.csv").is_file() and (folder / "optuna.db").is_file()
 
 
+def test_the_winner_is_chosen_on_validation_episodes_and_reported_on_other_patients(smoke_sweep, workdir):
+    """Selection and report apart: the report episodes' test images belong to other patients than
+    the validation episodes'; the summary, the export's card and metrics and the HTML report give
+    the winner against random init on each set, saying which is which."""
+    import pandas as pd
+
+    from cxrtune.data.cache import ImageCache
+
+    folder, _ = smoke_sweep
+    validation = pd.read_parquet(folder / "episodes.parquet")
+    report = pd.read_parquet(folder / "report_episodes.parquet")
+    index = ImageCache.open(json.loads((folder / "inputs.json").read_text())["trial.eval_cache"]).index
+    patient = dict(zip(index["image_id"], index["patient_id"]))
+    tested = [{patient[i] for ids in episodes["test_ids"] for i in ids} for episodes in (validation, report)]
+    assert tested[0] and tested[1] and not tested[0] & tested[1]
+    assert set(report["disease"]) <= set(validation["disease"]) and len(report) > 0
+    results = pd.read_parquet(folder / "report_results.parquet")
+    assert set(results["backbone"]) == {"best", "random"}
+    assert len(results) == 2 * len(report)  # both backbones on every report episode
+    saved = json.loads((folder / "report_comparison.json").read_text())
+    best20 = results[(results["backbone"] == "best") & (results["shots"] == 20)]
+    assert saved["report"]["best"] == pytest.approx(best20.groupby("disease")["auroc"].mean().mean())
+    printed = (workdir / "driver-stdout.txt").read_text()
+    assert "on the validation episodes it was chosen on (selection inflates this)" in printed
+    assert f"reported on {len(report)} report episodes (test images of other patients, never used" in printed
+    card = (folder / "export" / "MODEL_CARD.md").read_text()
+    assert "## Against random init" in card and "never used for selection" in card
+    metrics = json.loads((folder / "export" / "metrics.json").read_text())
+    assert metrics["against_random_init"]["report"]["trial_id"] == metrics["trial_id"]
+    assert "never used for selection" in (folder / "report" / "report.html").read_text()
+
+
 def test_the_sweep_writes_its_report_when_it_ends(smoke_sweep, workdir):
     """By default (no --no-report) the sweep's HTML report is written and logged to the parent run;
     the end-of-sweep report leaves out the slow Grad-CAM section."""
@@ -208,16 +240,22 @@ def test_every_registered_method_has_a_sweep():
 
 
 @pytest.mark.parametrize("script_name", [name for name in _method_sweeps() if name != "moco_variance"])
-def test_every_method_sweep_runs_at_smoke_size(workdir, smoke_sweep, script_name):
+def test_every_method_sweep_runs_at_smoke_size(workdir, smoke_sweep, script_name, capsys):
     from cxrtune.sweep.cli import main
 
     sweep = load_sweep_script(script_name)
     method = sweep.method
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    # one sweep keeps the study's protocol: the winner chosen and reported on one set of episodes
+    single = ["--no-report-split"] if method == "barlow" else []
     code = main(sweep, ["--profile", "smoke", "--no-report", "--storage", str(workdir / "runs"), "--tracking-uri",
-                        uri, "--num-samples", "1", "--set", "train.epochs=1"])  # one epoch: the plumbing, not the learning
+                        uri, "--num-samples", "1", "--set", "train.epochs=1", *single])  # one epoch: the plumbing
     assert code == 0
-    config = json.loads((workdir / "runs" / script_name / "export" / "config.json").read_text())
+    folder = workdir / "runs" / script_name
+    assert (folder / "report_episodes.parquet").is_file() != bool(single)
+    if single:
+        assert "on the same episodes" in capsys.readouterr().out and not (folder / "report_comparison.json").exists()
+    config = json.loads((folder / "export" / "config.json").read_text())
     assert config["method"] == method
     for key, value in sweep.seed_point.items():  # the study's setting ran first
         assert config[key] == pytest.approx(value)

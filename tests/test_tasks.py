@@ -182,3 +182,38 @@ def test_all_test_negatives_keeps_the_training_draw_and_tests_on_every_held_out_
         assert b.test_labels == [1] * len(task.test_pos) + [0] * len(task.test_neg)
     with pytest.raises(TaskError, match="test_negatives = 'some'"):
         sample_episodes(pool, shots=(5,), test_negatives="some")
+
+
+def test_report_split_is_patient_disjoint_balanced_per_finding_and_fixed():
+    from cxrtune.data.tasks import split_for_report
+
+    # patients with two evaluation images (a finding and a follow-up without it) as well as one-image ones
+    extra = [{"image_id": f"{pid}-b.png", "patient_id": pid, "labels": ["normal"], "view": "PA", "split": "val",
+              "path": ""} for pid in ("her-val-0", "mas-val-1", "rar-val-2")]
+    pool = build_task_pool(make_index(COUNTS, extra), exclude={"normal"}, force_include={"fibrosis"}, min_train=1,
+                           min_val=1)
+    validation, report, kept = split_for_report(pool)
+    assert sorted(validation.tasks) == sorted(pool.tasks) and kept == []
+    patients = [{pool.patient_of[i] for t in half.tasks.values() for i in t.test_pos + t.test_neg}
+                for half in (validation, report)]
+    assert patients[0] and patients[1] and not patients[0] & patients[1]  # patient-disjoint
+    for name, task in pool.tasks.items():
+        a, b = validation.tasks[name], report.tasks[name]
+        assert sorted(a.test_pos + b.test_pos) == sorted(task.test_pos)  # nothing lost, nothing doubled
+        assert sorted(a.test_neg + b.test_neg) == sorted(task.test_neg)
+        assert abs(len(a.test_pos) - len(b.test_pos)) <= 1  # each finding's positives split evenly
+        assert a.train_pos == b.train_pos == task.train_pos  # the training pools are shared
+    again = split_for_report(pool)
+    assert {n: t.test_pos for n, t in again[1].tasks.items()} == {n: t.test_pos for n, t in report.tasks.items()}
+    other = split_for_report(pool, salt="another archive")
+    assert {n: t.test_pos for n, t in other[1].tasks.items()} != {n: t.test_pos for n, t in report.tasks.items()}
+
+
+def test_a_finding_with_one_evaluation_patient_is_validated_only():
+    from cxrtune.data.tasks import split_for_report
+
+    pool = build_task_pool(make_index({**COUNTS, "single": (20, 1)}), exclude={"normal"}, min_train=1, min_val=1)
+    validation, report, kept = split_for_report(pool)
+    assert kept == ["single"] and "single" in validation.tasks and "single" not in report.tasks
+    assert validation.tasks["single"].test_pos == pool.tasks["single"].test_pos
+    assert set(report.tasks) == set(pool.tasks) - {"single"}

@@ -344,3 +344,58 @@ def load_episodes(path: str | Path) -> pd.DataFrame:
     for col in ("train_labels", "test_labels"):
         df[col] = df[col].map(lambda v: [int(x) for x in v])
     return df
+
+
+def split_for_report(pool: TaskPool, salt: str = "cxrtune-report") -> tuple[TaskPool, TaskPool, list[str]]:
+    """Split the evaluation images of ``pool`` by patient into a validation half and a report half.
+
+    A sweep chooses its best checkpoint on episodes whose test images come from the first pool
+    and reports the winner against random init on episodes whose test images come from the
+    second, so the reported difference carries no selection. Every patient's evaluation images go
+    to one half only (the halves are patient-disjoint). Patients are taken in the order of an MD5
+    hash of their id (salted, so the order is fixed for an archive but unrelated to its ids) and
+    each goes to the half that holds fewer evaluation positives of that patient's findings (fewer
+    evaluation images when it has none): each finding's positives split about evenly, which a
+    plain hash does not ensure when a finding has a handful of patients. The training pools are
+    shared: the two sets of episodes draw their few-shot training images with different seeds.
+
+    The cost: each half's test sets hold about half the positives, so a difference is estimated
+    on half the images and its CI widens by about sqrt(2) (more for a finding with few patients).
+    A finding whose evaluation positives or negatives cannot fill both halves (one patient) stays
+    in the validation pool only and is returned in the third value.
+    """
+    def order(patient: str) -> str:
+        return hashlib.md5(f"{salt}:{patient}".encode()).hexdigest()
+
+    images_of: dict[str, list[tuple[str, str, bool]]] = {}  # patient -> (image, disease, positive)
+    for task in pool.tasks.values():
+        for image in task.test_pos:
+            images_of.setdefault(pool.patient_of[image], []).append((image, task.disease, True))
+        for image in task.test_neg:
+            images_of.setdefault(pool.patient_of[image], []).append((image, task.disease, False))
+    positives = [dict.fromkeys(pool.tasks, 0), dict.fromkeys(pool.tasks, 0)]
+    sizes = [0, 0]
+    half_of: dict[str, int] = {}
+    for patient in sorted(images_of, key=order):
+        findings = {d for _, d, positive in images_of[patient] if positive}
+        if findings:
+            load = [sum(positives[h][d] for d in findings) for h in (0, 1)]
+        else:
+            load = sizes
+        half = 0 if load[0] < load[1] else 1 if load[1] < load[0] else int(order(patient)[-1], 16) % 2
+        half_of[patient] = half
+        sizes[half] += 1
+        for d in findings:
+            positives[half][d] += 1
+    halves: list[dict[str, DiseaseTask]] = [{}, {}]
+    kept_in_validation = []
+    for name, task in pool.tasks.items():
+        parts = [([i for i in task.test_pos if half_of[pool.patient_of[i]] == h],
+                  [i for i in task.test_neg if half_of[pool.patient_of[i]] == h]) for h in (0, 1)]
+        if all(pos and neg for pos, neg in parts):
+            for h, (pos, neg) in enumerate(parts):
+                halves[h][name] = DiseaseTask(name, list(task.train_pos), list(task.train_neg), pos, neg)
+        else:
+            halves[0][name] = task
+            kept_in_validation.append(name)
+    return TaskPool(halves[0], pool.patient_of), TaskPool(halves[1], pool.patient_of), kept_in_validation

@@ -105,6 +105,7 @@ _RECORDED = {
     "num_samples": ("num_samples", None), "audit_fraction": ("audit_fraction", None),
     "budget_hours": ("budget_hours", None), "grace_period": ("grace_period", None),
     "reduction_factor": ("reduction_factor", None), "cache_size": ("cache_size", None),
+    "no_report_split": ("no_report_split", None),
 }
 
 

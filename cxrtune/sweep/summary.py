@@ -1,6 +1,8 @@
 """What a pretraining sweep prints and writes when it ends: the trials table (``trials.csv``), the
-best checkpoint against random init on the same episodes (the paired difference and its CI), the
-cause of each errored trial, and the export of the best checkpoint."""
+best checkpoint against random init on the validation episodes it was chosen on and, where the
+sweep has report episodes (other patients' test images), on those, which no selection has seen
+(the paired difference and its CI; ``report_comparison.json``), the cause of each errored trial,
+and the export of the best checkpoint."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from typing import Any, Iterable
 import pandas as pd
 
 from cxrtune.errors import CxrtuneError
-from cxrtune.sweepfolder import TRIAL_LOG, TRIALS_TABLE, Checkpoint, SweepFolder
+from cxrtune.sweepfolder import REPORT_COMPARISON, REPORT_RESULTS, TRIAL_LOG, TRIALS_TABLE, Checkpoint, SweepFolder
 
 
 def trials_table(results, objective: str, searched: Iterable[str],
@@ -40,21 +42,43 @@ def trials_table(results, objective: str, searched: Iterable[str],
 def paired_difference(best: Checkpoint, objective: str, seed: int = 0) -> dict[str, float] | None:
     """Best checkpoint vs random init on the same episodes: mean AUROC difference at the
     objective's shot count with a 95 % bootstrap CI over the per-disease mean differences."""
-    from cxrtune.evaluate.stats import bootstrap_ci
-
     if not best.probe_results.is_file() or not best.initial_results.is_file():
         return None
+    comparison = paired_tables(pd.read_parquet(best.probe_results), pd.read_parquet(best.initial_results),
+                               objective, seed)
+    return {**comparison, "epoch": best.epoch}
+
+
+def paired_tables(best: pd.DataFrame, random: pd.DataFrame, objective: str, seed: int = 0) -> dict[str, float]:
+    """Two probe tables on the same episodes: the mean AUROC of each at the objective's shot count,
+    their difference and its 95 % bootstrap CI over the per-disease mean differences."""
+    from cxrtune.evaluate.stats import bootstrap_ci
+
     shots = int(objective.rsplit("_", 1)[1].replace("shot", ""))
-    a = pd.read_parquet(best.probe_results)
-    b = pd.read_parquet(best.initial_results)
-    a, b = a[a["shots"] == shots], b[b["shots"] == shots]
+    a, b = best[best["shots"] == shots], random[random["shots"] == shots]
     merged = a.merge(b, on=["disease", "shots", "trial"], suffixes=("_best", "_random"))
     per_disease = merged.groupby("disease")[["auroc_best", "auroc_random"]].mean()
     diff = (per_disease["auroc_best"] - per_disease["auroc_random"]).to_numpy()
     low, high = bootstrap_ci(diff, seed=seed)
     return {"best": float(per_disease["auroc_best"].mean()), "random": float(per_disease["auroc_random"].mean()),
-            "epoch": best.epoch, "difference": float(diff.mean()), "ci_low": low, "ci_high": high,
-            "diseases": int(diff.size)}
+            "difference": float(diff.mean()), "ci_low": low, "ci_high": high, "diseases": int(diff.size)}
+
+
+def report_comparison(pick: Checkpoint, objective: str, folder: Path, data) -> dict[str, Any] | None:
+    """The winner (chosen on the validation episodes) and its random init on the report episodes,
+    which no selection has seen; the tables go to ``<sweep>/report_results.parquet``."""
+    from cxrtune.trial import judge_on_episodes
+
+    if data is None or data.report_episodes is None or not pick.backbone.is_file():
+        return None
+    trained, initial = judge_on_episodes(pick.config, pick.backbone, data.eval_cache, data.report_episodes)
+    table = pd.concat([trained.assign(backbone="best", trial_id=pick.trial_id),
+                       initial.assign(backbone="random", trial_id=pick.trial_id)], ignore_index=True)
+    tmp = folder / (REPORT_RESULTS + ".tmp")
+    table.to_parquet(tmp, index=False)
+    tmp.replace(folder / REPORT_RESULTS)
+    return {**paired_tables(trained, initial, objective), "episodes": len(data.report_episodes),
+            "dropped": list(data.report_dropped), "trial_id": pick.trial_id, "epoch": pick.epoch}
 
 
 def error_causes(results) -> dict[str, str]:
@@ -87,6 +111,14 @@ def error_causes(results) -> dict[str, str]:
                 pass
         causes[trial_id] = cause[:300]
     return causes
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    import json
+
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1, default=str))
+    tmp.replace(path)
 
 
 def _write_table(table: pd.DataFrame, path: Path) -> None:
@@ -136,7 +168,10 @@ def summarise(results, objective: str, searched: Iterable[str], folder: Path, da
         pick = None
     if pick is not None:
         comparison = paired_difference(pick, objective)
+        held_out = report_comparison(pick, objective, folder, data)
         if comparison is not None:
+            where = ("the validation episodes it was chosen on (selection inflates this)" if held_out is not None
+                     else "the same episodes")
             verdict = ("the CI lies above zero: the best trial beats random init on these episodes"
                        if comparison["ci_low"] > 0 else
                        "the CI includes zero (or lies below it): no gain over random init is shown")
@@ -144,10 +179,23 @@ def summarise(results, objective: str, searched: Iterable[str], folder: Path, da
                 f"best trial {pick.trial_id} at epoch {comparison['epoch']}: "
                 f"{objective} {comparison['best']:.3f} "
                 f"vs random init {comparison['random']:.3f} "
-                f"on the same episodes: difference {comparison['difference']:+.3f}, 95% CI "
-                f"[{comparison['ci_low']:+.3f}, {comparison['ci_high']:+.3f}] over {comparison['diseases']} findings; "
-                + verdict)
+                f"on {where}: difference {comparison['difference']:+.3f}, 95% CI "
+                f"[{comparison['ci_low']:+.3f}, {comparison['ci_high']:+.3f}] over {comparison['diseases']} findings"
+                + ("" if held_out is not None else "; " + verdict))
             summary["comparison"] = comparison
+        if held_out is not None:
+            verdict = ("the CI lies above zero: the winner beats random init on episodes no selection has seen"
+                       if held_out["ci_low"] > 0 else
+                       "the CI includes zero (or lies below it): no gain over random init is shown")
+            dropped = (f" ({', '.join(held_out['dropped'])} had too few evaluation patients to split and is "
+                       "validated only)" if held_out["dropped"] else "")
+            lines.append(
+                f"reported on {held_out['episodes']} report episodes (test images of other patients, never used "
+                f"for selection): {objective} {held_out['best']:.3f} vs random init {held_out['random']:.3f}, "
+                f"difference {held_out['difference']:+.3f}, 95% CI [{held_out['ci_low']:+.3f}, "
+                f"{held_out['ci_high']:+.3f}] over {held_out['diseases']} findings{dropped}; {verdict}")
+            summary["report_comparison"] = held_out
+            _write_json(folder / REPORT_COMPARISON, {"metric": objective, "validation": comparison, "report": held_out})
     try:
         out = export_best(folder, objective, "max", force=True)
         lines.append(f"exported the best checkpoint to {out}")
