@@ -187,13 +187,19 @@ def test_the_cpu_profile_tests_on_every_held_out_image_and_fits_an_hour(archive,
 
     spec = resolve(archive, monkeypatch, "--profile", "cpu", "--name", "cpu")
     episodes = pd.read_parquet(spec.inputs["trial.episodes"])
+    report = pd.read_parquet(Path(spec.inputs["trial.episodes"]).with_name("report_episodes.parquet"))
     listing = pd.read_csv(archive["root"] / "labels.csv")
     held_out_normals = set(listing.loc[(listing["labels"] == "No Finding") & (listing["split"] == "val"), "image_id"])
     assert len(held_out_normals) == 8
-    for row in episodes.itertuples():
-        # every held-out image without the finding is a test negative (not a matched sample of them)
-        assert held_out_normals <= set(row.test_ids), row.disease
-        assert sum(l == 0 for l in row.test_labels) > sum(l == 1 for l in row.test_labels)
+    # the held-out images are split by patient between the validation and the report episodes
+    reported = {i for ids in report["test_ids"] for i in ids}
+    halves = (held_out_normals - reported, held_out_normals & reported)
+    assert halves[0] and halves[1]
+    for normals, table in zip(halves, (episodes, report)):
+        for row in table.itertuples():
+            # every held-out image of its half without the finding is a test negative (not a matched sample)
+            assert normals <= set(row.test_ids), row.disease
+            assert sum(l == 0 for l in row.test_labels) > sum(l == 1 for l in row.test_labels)
     # trials run side by side, one core each: the sweep lasts one trial's time limit plus start-up
     assert spec.num_samples <= spec.max_concurrent and spec.resources == {"cpu": 1}
     assert spec.param_space["train.time_limit_minutes"] <= 57
