@@ -119,13 +119,30 @@ def _options(phantom: dict) -> list[str]:
     return out
 
 
+#: marks the cache folder this script made under OUTDIR: only such a folder's features are removed
+CACHE_MARKER = ".cxrtune-gpu-packing-cache"
+
+
+def own_cache(outdir: Path) -> Path:
+    """``OUTDIR/cache``, made and marked by this script; a folder of that name it did not make is
+    refused (the levels empty its feature cache, which must never be somebody else's)."""
+    cache = outdir / "cache"
+    if cache.exists() and not (cache / CACHE_MARKER).is_file() and any(cache.iterdir()):
+        raise SystemExit(f"{cache} exists and was not made by bench/gpu_packing.py: give another OUTDIR")
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / CACHE_MARKER).touch()
+    return cache
+
+
 def run_level(sweep, name: str, common: list[str], share: list[str], outdir: Path) -> dict:
     """One sweep of the grid; its wall time, evaluated episodes, trials' outcomes and peaks."""
     from cxrtune.sweep.fewshot import main
     from cxrtune.sweep.runner import sweep_dir
 
-    features = outdir / "cache" / "features"
-    shutil.rmtree(features, ignore_errors=True)  # every level extracts afresh
+    cache = outdir / "cache"
+    features = cache / "features"
+    if (cache / CACHE_MARKER).is_file():  # this script's own cache (own_cache): every level extracts afresh
+        shutil.rmtree(features, ignore_errors=True)
     storage = outdir / "runs"
     printed = io.StringIO()
     started = time.perf_counter()
@@ -239,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     outdir = Path(args.outdir).resolve()
     outdir.mkdir(parents=True, exist_ok=True)
-    os.environ["CXRTUNE_CACHE"] = str(outdir / "cache")
+    os.environ["CXRTUNE_CACHE"] = str(own_cache(outdir))
     device = _device(args.device)
     import torch
 

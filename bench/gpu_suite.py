@@ -53,8 +53,7 @@ import prefetch_overlap  # noqa: E402
 from cxrtune.augment import BatchAugment  # noqa: E402
 from cxrtune.engine.prefetch import Prefetcher, fetch  # noqa: E402
 from cxrtune.engine.train import build_optimizer, optimizer_step  # noqa: E402
-from cxrtune.methods import Progress, build_method, method_names  # noqa: E402
-from cxrtune.models.backbone import Backbone, build_backbone  # noqa: E402
+from cxrtune.methods import Progress, method_names  # noqa: E402
 from cxrtune.profiles import smoke, study  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -313,22 +312,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _build(method: str, config, device: torch.device, channels_last: bool):
-    torch.manual_seed(0)
-    model = build_method(method, build_backbone(config.model.arch), config.method_config()).to(device)
-    model.backbone.grad_checkpointing = config.train.grad_checkpointing
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-        for module in model.modules():
-            if isinstance(module, Backbone):
-                module.channels_last = True
-    return model
-
-
 def _training_step(method: str, config, device: torch.device):
     """The training loop's step (bf16 autocast and channels_last on CUDA) as a function of a uint8 batch."""
     cuda = device.type == "cuda"
-    model = _build(method, config, device, channels_last=cuda)
+    model = gpu_throughput.build_model(method, config, device, channels_last=cuda)
     optimizer = build_optimizer(model, config)
     augment = BatchAugment(config.augment, config.train.image_size, torch.Generator(device=device).manual_seed(0))
     counter = [0]
@@ -350,7 +337,7 @@ def _losses(method: str, config, device: torch.device, steps: int, bf16: bool, b
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
         batch = batch or config.train.batch_size
-        model = _build(method, config, device, channels_last=cuda)
+        model = gpu_throughput.build_model(method, config, device, channels_last=cuda)
         optimizer = build_optimizer(model, config)
         augment = BatchAugment(config.augment, config.train.image_size, torch.Generator(device=device).manual_seed(0))
         side = _cache_side(config)

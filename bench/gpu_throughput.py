@@ -46,13 +46,9 @@ def peak_tflops(device: torch.device, override: float | None) -> float | None:
     return None
 
 
-def make_step(method_name: str, device: torch.device, tiny: bool, batch: int | None, compile_: bool,
-              channels_last: bool, grad_checkpointing: bool | None = None):
-    config = (smoke if tiny else study)(method_name)
-    if grad_checkpointing is not None:
-        config = config.override({"train.grad_checkpointing": grad_checkpointing})
-    size = config.train.image_size
-    batch = batch or config.train.batch_size
+def build_model(method_name: str, config, device: torch.device, channels_last: bool):
+    """The method of ``config`` from seed 0 on ``device``, as the training loop sets it up
+    (activation checkpointing, channels_last backbones)."""
     torch.manual_seed(0)
     method = build_method(method_name, build_backbone(config.model.arch), config.method_config()).to(device)
     method.backbone.grad_checkpointing = config.train.grad_checkpointing
@@ -61,6 +57,17 @@ def make_step(method_name: str, device: torch.device, tiny: bool, batch: int | N
         for module in method.modules():
             if isinstance(module, Backbone):
                 module.channels_last = True
+    return method
+
+
+def make_step(method_name: str, device: torch.device, tiny: bool, batch: int | None, compile_: bool,
+              channels_last: bool, grad_checkpointing: bool | None = None):
+    config = (smoke if tiny else study)(method_name)
+    if grad_checkpointing is not None:
+        config = config.override({"train.grad_checkpointing": grad_checkpointing})
+    size = config.train.image_size
+    batch = batch or config.train.batch_size
+    method = build_model(method_name, config, device, channels_last)
     optimizer = build_optimizer(method, config)
     if compile_:
         method.compile_encoders(lambda module: module.compile())

@@ -44,3 +44,18 @@ def test_gpu_packing_script_tiny_on_cpu_reports_every_level(tmp_path):
     table = (tmp_path / "out" / "packing.md").read_text()
     assert "| trials per device | share | wall s | episodes | episodes/s | speed-up |" in table
     assert "Over-cap trial: not applicable: memory caps are CUDA-only" in table
+
+
+def test_the_script_never_empties_a_cache_folder_it_did_not_make(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_packing", ROOT / "bench" / "gpu_packing.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    (tmp_path / "cache" / "features").mkdir(parents=True)
+    (tmp_path / "cache" / "features" / "mine.npy").write_bytes(b"user data")
+    with pytest.raises(SystemExit, match="was not made by bench/gpu_packing.py"):
+        bench.own_cache(tmp_path)
+    assert (tmp_path / "cache" / "features" / "mine.npy").read_bytes() == b"user data"
+    made = bench.own_cache(tmp_path / "fresh")
+    assert (made / bench.CACHE_MARKER).is_file() and bench.own_cache(tmp_path / "fresh") == made

@@ -189,7 +189,8 @@ def _run_open(sweep: PretrainSweep, args: argparse.Namespace, opened) -> int:
     space = searched_space(sweep, resolved, sets)
     print(f"sweep {name}: profile {args.profile} ({profile.note})")
     probe = resolved.probe
-    data = prepare_data(args, args.cache_size or profile.cache_size, profile.phantom,
+    cache_size = args.cache_size if args.cache_size is not None else profile.cache_size
+    data = prepare_data(args, cache_size, profile.phantom,
                         EpisodePlan(tuple(probe.shots), probe.trials, probe.test_negatives), folder,
                         report_split=not args.no_report_split)
     print(data.describe())
