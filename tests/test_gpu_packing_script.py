@@ -47,11 +47,9 @@ def test_gpu_packing_script_tiny_on_cpu_reports_every_level(tmp_path):
 
 
 def test_the_script_never_empties_a_cache_folder_it_did_not_make(tmp_path):
-    import importlib.util
+    from _bench import load_bench
 
-    spec = importlib.util.spec_from_file_location("gpu_packing", ROOT / "bench" / "gpu_packing.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("gpu_packing")
     (tmp_path / "cache" / "features").mkdir(parents=True)
     (tmp_path / "cache" / "features" / "mine.npy").write_bytes(b"user data")
     with pytest.raises(SystemExit, match="was not made by bench/gpu_packing.py"):
