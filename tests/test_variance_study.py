@@ -26,6 +26,7 @@ def test_each_weight_trains_under_the_stated_conditions_with_its_own_weight(stud
         run = out / f"w{weight:g}-seed3"
         config = json.loads((run / "run" / "config.json").read_text())
         assert config["moco.variance_weight"] == weight and config["train.seed"] == 3
+        assert config["moco.queue_size"] == 128  # half the 256 pretraining images
         for key, value in bench.CONDITIONS.items():
             assert config[key] == value, key
         metrics = pd.read_json(run / "run" / "metrics.jsonl", lines=True)
