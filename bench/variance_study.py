@@ -299,7 +299,8 @@ def plot(curves: dict, path: Path) -> None:
         for ax, name in zip(axes, METRICS):
             ax.plot(curve["metrics"].index, curve["metrics"][name], label=label)
         axes[3].plot(curve["probe"].index, curve["probe"].to_numpy(), marker="o", label=label)
-    for ax, title in zip(axes, ("backbone feature std", "effective rank", "mean pairwise cosine",
+    axes[0].set_yscale("log")  # a weight's early spike would flatten the other curves
+    for ax, title in zip(axes, ("backbone feature std (log)", "effective rank", "mean pairwise cosine",
                                 "20-shot probe AUROC (epoch 0 = random init)")):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
