@@ -276,3 +276,34 @@ def test_real_padchest_protocol(real_metadata_dir):
     # Counting distinct labels instead adds "humeral fracture" (its ['humeral fracture', ''] rows).
     distinct = PadchestSource(real_metadata_dir, assume_present=True, single_label="labels").task_pool(index)
     assert set(distinct.diseases) - set(pool.diseases) == {"humeral fracture"}
+
+
+def test_real_padchest_report_split_on_the_studys_images(real_metadata_dir):
+    """A sweep's validation/report split on a PadChest-sized pool (the study's 58,324 images, its ten
+    findings with 4-27 evaluation positives): every finding is split, patient-disjoint, each half
+    holding half its positives (pulmonary fibrosis: 2 and 2), so a finding's AUROC on either half
+    rests on about half the positives (its standard error about 1.4x wider). The printed table is
+    the one in docs/report.md."""
+    import math
+
+    from cxrtune.data.tasks import split_for_report
+
+    source = PadchestSource(real_metadata_dir, assume_present=True)
+    index = source.build_index()
+    study = index[index["path"].map(lambda p: p.rsplit("/", 2)[-2]).isin(STUDY_FOLDERS)]
+    pool = source.task_pool(study)
+    validation, report, kept = split_for_report(pool)
+    assert kept == [] and set(validation.tasks) == set(report.tasks) == set(STUDY_COUNTS)
+    print()
+    for disease, task in sorted(pool.tasks.items()):
+        halves = validation.tasks[disease], report.tasks[disease]
+        positives = [len(h.test_pos) for h in halves]
+        assert sum(positives) == len(task.test_pos) and abs(positives[0] - positives[1]) <= 1
+        assert sorted(halves[0].test_pos + halves[1].test_pos) == sorted(task.test_pos)
+        assert sum(len(h.test_neg) for h in halves) == len(task.test_neg)
+        patients = [{pool.patient_of[i] for i in h.test_pos + h.test_neg} for h in halves]
+        assert not patients[0] & patients[1]
+        print(f"{disease}: {len(task.test_pos)} evaluation positives -> {positives[0]} + {positives[1]}, "
+              f"negatives {len(task.test_neg)} -> {len(halves[0].test_neg)} + {len(halves[1].test_neg)}; "
+              f"standard error x{math.sqrt(len(task.test_pos) / min(positives)):.2f}")
+    assert (len(validation.tasks["pulmonary fibrosis"].test_pos), len(report.tasks["pulmonary fibrosis"].test_pos)) == (2, 2)
