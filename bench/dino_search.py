@@ -116,9 +116,17 @@ def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "search.json").write_text(json.dumps({
-        "epochs": args.epochs, "n_pretrain": args.n_pretrain, "size": args.size, "shots": args.shots,
-        "trials": args.trials, "threads": args.threads, "set": args.set}, indent=2))
+    params = {"epochs": args.epochs, "n_pretrain": args.n_pretrain, "size": args.size, "shots": args.shots,
+              "trials": args.trials, "val_pos": args.val_pos, "set": args.set}
+    if (out / "search.json").is_file():
+        # settings are compared on one budget, data and episodes: a search grows only under its own
+        recorded = json.loads((out / "search.json").read_text())
+        differ = [f"--{k.replace('_', '-')}: recorded {recorded.get(k)!r}, given {v!r}" for k, v in params.items()
+                  if recorded.get(k) != v]
+        if differ:
+            raise SystemExit(f"{out} holds a search with other parameters ({'; '.join(differ)}); "
+                             "give those, or another --out")
+    (out / "search.json").write_text(json.dumps(params, indent=2))
     cache, validation, _ = data(args, out)
     val_judge = judge(cache, validation, args.size)
     if not (out / "random_validation.parquet").is_file():

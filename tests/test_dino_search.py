@@ -58,6 +58,10 @@ def test_a_second_invocation_adds_settings_without_running_the_finished_ones(sea
     summary = json.loads((out / "summary.json").read_text())
     assert {row["setting"] for row in summary["settings"]} == {"preset", "centre-0.99", "lr-1e-3"}
     assert summary["report"]["setting"] == summary["chosen"]
+    # settings of another budget would not be comparable: refused, naming the difference
+    with pytest.raises(SystemExit, match="--epochs: recorded 1, given 2"):
+        bench.main(["--settings", "lr-2.5e-4", "--out", str(out), *ARGS[:1], "2", *ARGS[2:]])
+    assert not (out / "lr-2.5e-4").exists()
 
 
 def test_summarise_refuses_a_folder_without_finished_settings(tmp_path):
