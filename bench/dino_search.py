@@ -195,7 +195,9 @@ def summarise(out: Path, args: argparse.Namespace) -> dict:
 
         torch.set_num_threads(args.threads)
         params = json.loads((out / "search.json").read_text())
+        # the search's own data (its cache is keyed by these), not this invocation's defaults
         args.n_pretrain, args.size = params["n_pretrain"], params["size"]
+        args.val_pos = params.get("val_pos", args.val_pos)
         cache, _, report_episodes = data(args, out)
         report_judge = judge(cache, report_episodes, args.size)
         config = json.loads((out / best["setting"] / "run" / "config.json").read_text())

@@ -68,3 +68,11 @@ def test_summarise_refuses_a_folder_without_finished_settings(tmp_path):
     bench = load_bench("dino_search")
     with pytest.raises(SystemExit, match="holds no finished settings"):
         bench.main(["--summarise", str(tmp_path)])
+
+
+@pytest.mark.parametrize("argv", [["--epochs", "0"], ["--threads", "0"], ["--n-pretrain", "0"]])
+def test_bad_arguments_are_refused_by_name(argv, capsys):
+    bench = load_bench("dino_search")
+    with pytest.raises(SystemExit):
+        bench.main(argv)
+    assert "--epochs, --threads and --n-pretrain must be at least 1" in capsys.readouterr().err

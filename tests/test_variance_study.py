@@ -72,8 +72,14 @@ def test_summarise_refuses_a_folder_without_finished_runs(tmp_path):
         bench.main(["--summarise", str(tmp_path)])
 
 
-def test_bad_arguments_are_refused_by_name(capsys):
+@pytest.mark.parametrize("argv, message", [
+    (["--weights", "-1"], "--weights must be >= 0, got [-1.0]"),
+    (["--queue", "0"], "--queue must be at least 1, got 0"),
+    (["--epochs", "0"], "--epochs, --probe-every, --jobs and --threads must be at least 1"),
+    (["--jobs", "0"], "--epochs, --probe-every, --jobs and --threads must be at least 1"),
+])
+def test_bad_arguments_are_refused_by_name(argv, message, capsys):
     bench = load_bench("variance_study")
     with pytest.raises(SystemExit):
-        bench.main(["--weights", "-1"])
-    assert "--weights must be >= 0" in capsys.readouterr().err
+        bench.main(argv)
+    assert message in capsys.readouterr().err
